@@ -1,0 +1,306 @@
+"""Datasets as whole uint8 tensors: CIFAR-10/20/100, STL-10, (Fashion-)MNIST, an image folder, and a synthetic set.
+
+`load_dataset(name, root, split)` returns a `Dataset` tuple: `images` uint8 [N, C, H, W], `labels` int64 [N] (-1 where
+unknown), `classes`, and per-channel `mean`/`std` in [0, 1] for normalisation. Everything is read into memory at once
+(CIFAR-10 is 150 MB), so training loops index batches from one tensor instead of running a DataLoader.
+
+The on-disk formats are read here directly (CIFAR python pickles, STL-10 binaries, MNIST idx files): torchvision's
+classes verify md5 sums of the full files and loop over PIL images, both of which we skip. torchvision only downloads
+a dataset that is missing (it writes exactly these formats). Without the files and without network, `DataError` is
+raised with a one-paragraph message; scripts print it and exit with status 2.
+"""
+import gzip
+import math
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+
+class DataError(Exception):
+    """Missing or unreadable data, or a bad dataset name or split. The message is meant for the user as it is."""
+
+
+class Dataset(NamedTuple):
+    images: torch.Tensor  # [N, C, H, W] uint8
+    labels: torch.Tensor  # [N] int64, -1 where unknown
+    classes: list  # class names: len(classes) ground-truth classes (0 for a flat, unlabelled image folder)
+    mean: tuple  # per channel, in [0, 1]
+    std: tuple
+
+
+NAMES = ["cifar10", "cifar20", "cifar100", "stl10", "fashion-mnist", "mnist", "imagefolder:PATH", "synthetic"]
+# Published per-channel statistics of the training sets, so that every split is normalised identically.
+STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+         "cifar20": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+         "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+         "mnist": ((0.1307,), (0.3081,)), "fashion-mnist": ((0.2860,), (0.3530,))}
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_dataset(name, root="./data", split="train", image_size=None, download=True, **synthetic_args) -> Dataset:
+    """Load one split as a whole. `image_size` resizes to a square (image folders default to 64, synthetic to 32);
+    `download=False` never touches the network; `synthetic_args` go to `make_synthetic`."""
+    if name not in STATS and name != "synthetic" and not name.startswith("imagefolder:"):
+        raise DataError(f"Unknown dataset '{name}'. Available: {', '.join(NAMES)} (imagefolder:PATH reads a folder "
+                        f"of images, one sub-folder per class or all in one folder).")
+    splits = ["train", "test", "unlabeled", "train+unlabeled"] if name == "stl10" else ["train", "test"]
+    if split not in splits:
+        raise DataError(f"Dataset '{name}' has no split '{split}'; choose one of: {', '.join(splits)}.")
+    if synthetic_args and name != "synthetic":
+        raise DataError(f"Options {sorted(synthetic_args)} only apply to the 'synthetic' dataset, not to '{name}'.")
+    if name == "synthetic":
+        return make_synthetic(split=split, image_size=image_size or 32, **synthetic_args)
+    if name.startswith("imagefolder:"):
+        return _load_image_folder(name[len("imagefolder:"):], split, image_size or 64)
+    reader = _read_stl10 if name == "stl10" else _read_cifar if name.startswith("cifar") else _read_mnist
+    images, labels, classes = reader(name, root, split, download)
+    if image_size is not None and image_size != images.shape[-1]:
+        images = resize(images, image_size)
+    return Dataset(images, labels, classes, *STATS[name])
+
+
+def _fetch(name, root, split, where, download, how_to):
+    """The files are missing: let torchvision download them (it writes the formats read below), or explain."""
+    if download:
+        tv = torchvision.datasets
+        cls = {"cifar10": tv.CIFAR10, "cifar20": tv.CIFAR100, "cifar100": tv.CIFAR100, "stl10": tv.STL10,
+               "mnist": tv.MNIST, "fashion-mnist": tv.FashionMNIST}[name]
+        try:
+            return cls(root, download=True, **({"split": split} if name == "stl10" else {"train": split == "train"}))
+        except Exception as e:  # no network (URLError), server down, disk full, broken archive ...
+            reason = f"downloading it failed ({type(e).__name__}: {e})"
+    else:
+        reason = "downloading is switched off"
+    raise DataError(f"Dataset '{name}' ({split} split) was not found in {where} and {reason}. Provide it by running "
+                    f"once with network access (it is then saved under the data root, here {os.path.abspath(root)}), "
+                    f"or {how_to}, or point the data root (--data-root) at a folder that already holds it.")
+
+
+# ---------------------------------------------------------------------------------------------------- CIFAR
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")  # the files were pickled by Python 2
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    except Exception as e:
+        raise DataError(f"Cannot read CIFAR file {path} ({type(e).__name__}: {e}); delete it and download again.") \
+            from None
+
+
+def _read_cifar(name, root, split, download):
+    """cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} or cifar-100-python/{train, test, meta}:
+    pickled dicts with 'data' [N, 3072] uint8 (R, G, B planes of 32x32) and the labels; CIFAR-100's coarse labels
+    are the 20 superclasses (cifar20)."""
+    ten = name == "cifar10"
+    folder = os.path.join(root, "cifar-10-batches-py" if ten else "cifar-100-python")
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if ten else [split]
+    files.append("batches.meta" if ten else "meta")
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        url = f"https://www.cs.toronto.edu/~kriz/cifar-{'10' if ten else '100'}-python.tar.gz"
+        how = f"download {url} and extract it into {os.path.abspath(root)}"
+        _fetch(name, root, split, os.path.abspath(folder), download, how)
+    *batches, meta = [_unpickle(os.path.join(folder, f)) for f in files]
+    label_key, names_key = {"cifar10": ("labels", "label_names"), "cifar100": ("fine_labels", "fine_label_names"),
+                            "cifar20": ("coarse_labels", "coarse_label_names")}[name]
+    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([b[label_key] for b in batches])
+    return torch.from_numpy(images), torch.from_numpy(labels).long(), list(meta[names_key])
+
+
+# ---------------------------------------------------------------------------------------------------- STL-10
+def _read_stl10(name, root, split, download):
+    """stl10_binary/{train,test,unlabeled}_X.bin: uint8 [N, 3, 96, 96], each plane stored column-major (hence the
+    transpose); {train,test}_y.bin: labels 1..10; class_names.txt. The unlabeled images get label -1."""
+    folder = os.path.join(root, "stl10_binary")
+    parts = ["train", "unlabeled"] if split == "train+unlabeled" else [split]
+    files = [f"{p}_{xy}.bin" for p in parts for xy in "Xy" if (p, xy) != ("unlabeled", "y")] + ["class_names.txt"]
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        _fetch(name, root, split, os.path.abspath(folder), download, "download http://ai.stanford.edu/~acoates/stl10/"
+               f"stl10_binary.tar.gz and extract it into {os.path.abspath(root)}")
+    arrays = [np.fromfile(os.path.join(folder, f"{p}_X.bin"), dtype=np.uint8) for p in parts]
+    if any(a.size % (3 * 96 * 96) for a in arrays):
+        raise DataError(f"An STL-10 image file in {folder} is truncated; delete it to download it again.")
+    images = torch.cat([torch.from_numpy(a).view(-1, 3, 96, 96).transpose(2, 3) for a in arrays])  # contiguous copy
+    labels = [torch.from_numpy(np.fromfile(os.path.join(folder, f"{p}_y.bin"), dtype=np.uint8)).long() - 1
+              if p != "unlabeled" else torch.full((a.size // (3 * 96 * 96),), -1) for p, a in zip(parts, arrays)]
+    with open(os.path.join(folder, "class_names.txt")) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    return images, torch.cat(labels), classes
+
+
+# ---------------------------------------------------------------------------------------------------- (Fashion-)MNIST
+def _read_idx(path):
+    """IDX format: magic 0x0000080<ndim> (unsigned bytes), ndim big-endian int32 sizes, then the bytes."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3] if len(raw) >= 4 else 0
+    shape = tuple(np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)) if len(raw) >= 4 + 4 * ndim else ()
+    if raw[:3] != b"\x00\x00\x08" or not shape or len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise DataError(f"{path} is not a valid IDX file of unsigned bytes (truncated or corrupted); delete it.")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def _read_mnist(name, root, split, download):
+    """Raw idx files, gzipped or not, where torchvision puts them (root/MNIST/raw, root/FashionMNIST/raw) or, for
+    Fashion-MNIST, where Debian's package dataset-fashion-mnist does. Images [N, 1, 28, 28]."""
+    stems = [f"{'train' if split == 'train' else 't10k'}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    folder = os.path.abspath(os.path.join(root, "MNIST" if name == "mnist" else "FashionMNIST", "raw"))
+    places = [folder] + ([FASHION_MNIST_DEBIAN] if name == "fashion-mnist" else [])
+
+    def find():  # the first place holding both files, each plain or gzipped
+        for d in places:
+            paths = [os.path.join(d, s + ("" if os.path.isfile(os.path.join(d, s)) else ".gz")) for s in stems]
+            if all(map(os.path.isfile, paths)):
+                return paths
+    if find() is None:
+        how = (f"install Debian's package dataset-fashion-mnist (it puts the files in {FASHION_MNIST_DEBIAN})"
+               if name == "fashion-mnist" else f"put {stems[0]}.gz and {stems[1]}.gz into {folder}")
+        _fetch(name, root, split, " or ".join(places), download, how)
+    images_path, labels_path = find()
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.dim() != 3 or labels.shape != images.shape[:1]:
+        raise DataError(f"{images_path} {tuple(images.shape)} and {labels_path} {tuple(labels.shape)} do not match.")
+    classes = (torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST).classes
+    return images.unsqueeze(1), labels.long(), list(classes)
+
+
+# ---------------------------------------------------------------------------------------------------- image folders
+def _load_image_folder(path, split, image_size):
+    """One sub-folder per class (labels by sorted folder name, images searched recursively) or all images in the folder
+    itself (labels -1, no classes). With `train/` and `test/` sub-folders, `split` picks one; otherwise both splits
+    are the whole folder (clustering is evaluated on the images it clusters). Each image: RGB, shorter side resized
+    to `image_size`, centre-cropped square."""
+    if not os.path.isdir(path):
+        raise DataError(f"Image folder '{path}' does not exist (dataset 'imagefolder:{path}').")
+    roots = [os.path.join(path, s) for s in ("train", "test")]
+    folder, roots = (os.path.join(path, split), roots) if all(map(os.path.isdir, roots)) else (path, [path])
+    subdirs = lambda d: {e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith(".")}
+    classes = sorted(set().union(*map(subdirs, roots)))  # the same class indices in train and test
+    is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    files, labels = [], []
+    for label, sub in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, sub)):
+            dirnames.sort()  # deterministic order
+            found = [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+            files.extend(found)
+            labels.extend([label] * len(found))
+    if not classes:
+        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_image(f)]
+        labels = [-1] * len(files)
+    if not files:
+        raise DataError(f"Image folder '{folder}' contains no images ({', '.join(IMAGE_EXTENSIONS)} files, either in "
+                        f"the folder itself or in one sub-folder per class).")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
+        arrays = list(pool.map(lambda f: _read_image(f, image_size), files))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S]
+    return Dataset(images, torch.tensor(labels, dtype=torch.long), classes, *channel_stats(images))
+
+
+def _read_image(path, size):
+    from PIL import Image  # Pillow comes with torchvision
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger (fast)
+            img = img.convert("RGB")
+            scale = size / min(img.size)
+            w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+            img = img.resize((w, h), Image.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"Cannot read image {path} ({type(e).__name__}: {e}). Remove or replace the file.") from None
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def resize(images, size, chunk=4096):
+    """uint8 [N, C, H, W] -> [N, C, size, size], bilinear with antialiasing, in chunks to bound memory."""
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], chunk):
+        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True)
+        out[i:i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def channel_stats(images, chunk=4096):
+    """Exact per-channel mean and std in [0, 1] of uint8 [N, C, H, W] images, from a histogram of the 256 values."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    for i in range(0, images.shape[0], chunk):
+        for c in range(images.shape[1]):
+            counts[c] += torch.bincount(images[i:i + chunk, c].flatten(), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum(1) / counts.sum(1)
+    std = ((counts * (values - mean[:, None]) ** 2).sum(1) / counts.sum(1)).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic
+# Each class is a luminance texture (name -> signed value s(u, v, w = 2 pi / period, d = diagonal direction), drawn
+# as sigmoid(4 s): sharp but anti-aliased edges). All are unchanged by horizontal flips (the diagonal takes a random
+# direction) and survive crops, colour jitter and grayscale, so augmentation-invariant methods can learn them.
+PATTERNS = {"horizontal-stripes": lambda u, v, w, d: torch.sin(w * v),
+            "vertical-stripes": lambda u, v, w, d: torch.sin(w * u),
+            "diagonal-stripes": lambda u, v, w, d: torch.sin(w * (u + d * v) / math.sqrt(2)),
+            "checkerboard": lambda u, v, w, d: 2 * torch.sin(w * u) * torch.sin(w * v),
+            "rings": lambda u, v, w, d: torch.sin(w * torch.sqrt(u * u + v * v)),
+            "spokes": lambda u, v, w, d: torch.sin(8 * torch.atan2(v, u)),
+            "dots": lambda u, v, w, d: 2 * (torch.cos(w * u) + torch.cos(w * v) - 1),
+            "grid": lambda u, v, w, d: 4 * (torch.maximum(torch.cos(w * u), torch.cos(w * v)) - 0.7),
+            "waves": lambda u, v, w, d: torch.sin(w * v + 1.9 * torch.sin(w * u / 2.5)),
+            "gradient": lambda u, v, w, d: u * w / 60}  # no texture, a smooth ramp
+
+
+def make_synthetic(split="train", num_images=None, num_classes=10, image_size=32, channels=3, seed=0) -> Dataset:
+    """Class-structured images for tests and demos. Class c is texture c % 10 of PATTERNS (1.6x coarser for each
+    further 10 classes) with a dark/light colour pair drawn from templates fixed by `seed`. Per image: random scale
+    (0.75-1.35x), rotation (+-15 deg), position, light-on-dark or dark-on-light, random colours instead of the class's
+    in 40% of images, an illumination ramp and pixel noise. So raw pixels carry some class signal (colour, layout) and
+    k-means on them is far from perfect, while texture features invariant to crops and colour separate the classes.
+    Train and test come from the same templates with different seeds (5000 and 1000 images by default)."""
+    n, names = num_images or (5000 if split == "train" else 1000), list(PATTERNS)
+    if num_classes < 1 or n < 1 or image_size < 8 or channels not in (1, 3):
+        raise DataError(f"Synthetic dataset: need num_classes >= 1, num_images >= 1, image_size >= 8 and channels "
+                        f"1 or 3 (got {num_classes}, {n}, {image_size}, {channels}).")
+    templates = torch.Generator().manual_seed(3 * seed)
+    gen = torch.Generator().manual_seed(3 * seed + (1 if split == "train" else 2))
+    rand = lambda *shape, g=gen: torch.rand(*shape, generator=g)
+    dark, light = 0.4 * rand(num_classes, 3, g=templates), 0.6 + 0.4 * rand(num_classes, 3, g=templates)  # [K, 3]
+    class_period = image_size / 32 * 5 * 1.6 ** ((torch.arange(num_classes) // len(names)) % 3)  # [K] pixels/cycle
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]  # balanced
+    # Per-image parameters, all drawn up front.
+    w = 2 * math.pi / (class_period[labels] * (0.75 + 0.6 * rand(n)))  # [N] angular frequency
+    angle = (rand(n) - 0.5) * math.pi / 6
+    centre = (rand(n, 2) - 0.5) * image_size  # [N, 2] pattern origin (rings, spokes) anywhere in the image
+    direction = rand(n).lt(0.5).float() * 2 - 1
+    own = (rand(n) < 0.6).view(n, 1)  # images keeping their class colours (jittered); the others get random ones
+    fg = torch.where(own, dark[labels] + 0.15 * (rand(n, 3) - 0.5), 0.4 * rand(n, 3))  # [N, 3]
+    bg = torch.where(own, light[labels] + 0.15 * (rand(n, 3) - 0.5), 0.6 + 0.4 * rand(n, 3))
+    swap = (rand(n) < 0.5).view(n, 1)
+    fg, bg = torch.where(swap, bg, fg), torch.where(swap, fg, bg)
+    if channels == 1:
+        fg, bg = fg @ torch.tensor([[0.299], [0.587], [0.114]]), bg @ torch.tensor([[0.299], [0.587], [0.114]])
+    shade = 0.3 * (rand(n) - 0.5) / image_size  # illumination ramp along the pattern's direction
+
+    # Render one class at a time: one pattern per block, and small blocks stay in cache (fast on a CPU).
+    images = torch.empty(n, channels, image_size, image_size, dtype=torch.uint8)
+    coords = torch.arange(image_size, dtype=torch.float32) - (image_size - 1) / 2
+    for c in range(num_classes):
+        i = (labels == c).nonzero().squeeze(1)
+        col = lambda t: t[i].view(len(i), -1, 1, 1)  # per-image value -> [m, *, 1, 1]
+        x = coords.view(1, 1, -1) - col(centre[:, :1])[:, 0]  # [m, 1, S]
+        y = coords.view(1, -1, 1) - col(centre[:, 1:])[:, 0]  # [m, S, 1]
+        cos, sin = torch.cos(col(angle)[:, 0]), torch.sin(col(angle)[:, 0])  # [m, 1, 1]
+        u, v = cos * x + sin * y, cos * y - sin * x  # [m, S, S] rotated coordinates
+        pattern = torch.sigmoid(4 * PATTERNS[names[c % len(names)]](u, v, col(w)[:, 0], col(direction)[:, 0]))
+        shading = (col(shade)[:, 0] * u).add_(torch.randn(len(i), image_size, image_size, generator=gen), alpha=0.05)
+        img = (col(bg) + shading.unsqueeze(1)).addcmul_(col(fg - bg), pattern.unsqueeze(1))  # [m, C, S, S] in [0, 1]
+        images[i] = img.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    classes = [names[c % len(names)] + (f"-{c // len(names)}" if c >= len(names) else "") for c in range(num_classes)]
+    return Dataset(images, labels, classes, *channel_stats(images))

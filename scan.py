@@ -1,0 +1,960 @@
+"""scan.py: SCAN (Semantic Clustering by Adopting Nearest neighbours), end to end, in one file.
+
+Van Gansbeke, Vandenhende, Georgoulis, Proesmans, Van Gool, "SCAN: Learning to Classify Images without Labels",
+ECCV 2020 (summaries in ../shared/papers/000_*.txt and 002_*.txt). The three steps of the paper's Algorithm 1:
+
+  1. pretext   SimCLR (Chen et al. 2020): backbone + MLP head trained with NT-Xent over two augmented views.
+  2. mine      the K=20 nearest neighbours of every training image in the pretext embedding (+ the k-means baseline).
+  3. scan      clustering heads trained with the SCAN loss, Eq. (2): neighbours should agree, clusters should be used.
+  4. selflabel fine-tune on the confident predictions (max prob > 0.99) with strongly augmented inputs.
+
+`--loss structured` swaps Eq. (2) for the structure-preserving loss of the reproduction paper
+(../shared/papers/001_*.txt, Sec. 4.3, Eq. (3)-(8)). Each stage is saved to --out-dir and skipped when complete.
+
+Usage: python scan.py --dataset cifar10 --device cuda          (paper settings)
+       python scan.py --dataset synthetic --quick              (whole pipeline in seconds on a CPU)
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import metrics
+from knn import knn
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's settings per dataset (SCAN's configs); anything not listed uses the cifar10 value.
+PAPER_DEFAULTS = {
+    "cifar10": dict(scan_epochs=50, scan_batch_size=128, selflabel_epochs=200),
+    "cifar20": dict(scan_epochs=100, scan_batch_size=512, selflabel_epochs=200),
+    "stl10": dict(scan_epochs=100, scan_batch_size=128, selflabel_epochs=100, train_split="train+unlabeled"),
+}
+QUICK = dict(arch="smallcnn", subset=2000, pretext_epochs=15, scan_epochs=15, selflabel_epochs=5, num_heads=2,
+             pretext_batch_size=256, scan_batch_size=128, selflabel_batch_size=250, pretext_lr=0.1, scan_lr=1e-3,
+             selflabel_lr=1e-3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SCAN: SimCLR pretext -> mine neighbours -> SCAN clustering -> self-labelling.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="cifar10", help="cifar10 | cifar20 | cifar100 | stl10 | fashion-mnist | mnist | imagefolder:PATH | synthetic")
+    a("--data-root", default="./data", help="where datasets are stored / downloaded")
+    a("--train-split", default=None, help="split to train on (default: train; stl10: train+unlabeled for the pretext)")
+    a("--test-split", default="test", help="split evaluated after each stage")
+    a("--image-size", type=int, default=None, help="resize images to this size (imagefolder)")
+    a("--subset", type=int, default=None, help="train on a random subset of this many images (default: all)")
+    a("--out-dir", default=None, help="output folder (default: runs/scan-DATASET)")
+    a("--arch", default="resnet18", choices=["resnet18", "smallcnn"], help="backbone: CIFAR-style ResNet-18 or a small CNN for CPU runs")
+    a("--width", type=int, default=32, help="channels of the first smallcnn stage (doubles each stage)")
+    a("--num-clusters", type=int, default=None, help="clusters (default: number of classes; more = overclustering)")
+    a("--num-heads", type=int, default=10, help="clustering heads trained at once; the lowest-loss one is kept")
+    a("--num-neighbors", type=int, default=20, help="K nearest neighbours mined per image")
+    a("--pretext-epochs", type=int, default=500, help="SimCLR epochs")
+    a("--pretext-batch-size", type=int, default=512, help="SimCLR batch size (2x views)")
+    a("--pretext-lr", type=float, default=0.4, help="SimCLR SGD learning rate (cosine decay to lr * 0.1^3)")
+    a("--pretext-wd", type=float, default=1e-4, help="SimCLR weight decay")
+    a("--temperature", type=float, default=0.1, help="NT-Xent temperature")
+    a("--scan-epochs", type=int, default=None, help="SCAN epochs (paper: 50 cifar10, 100 cifar20/stl10)")
+    a("--scan-batch-size", type=int, default=None, help="SCAN batch size (paper: 128, 512 for cifar20)")
+    a("--scan-lr", type=float, default=1e-4, help="SCAN Adam learning rate")
+    a("--entropy-weight", type=float, default=5.0, help="weight of the entropy term of Eq. (2)")
+    a("--update-head-only", action="store_true", help="SCAN stage: freeze the backbone, train the heads only")
+    a("--loss", default="scan", choices=["scan", "structured"], help="clustering loss: SCAN Eq. (2) or the structured loss (001, Eq. 3-8)")
+    a("--tau-c", type=float, default=8.0, help="structured loss: temperature of the neighbour weights, Eq. (5)")
+    a("--tau-cc", type=float, default=1.0, help="structured loss: temperature of the cluster-level contrast, Eq. (6)")
+    a("--eta-cc", type=float, default=1.0, help="structured loss: weight of the cluster-level contrast, Eq. (3)")
+    a("--lambda-b", type=float, default=5.0, help="structured loss: weight of the negative entropy, Eq. (3)")
+    a("--selflabel-epochs", type=int, default=None, help="self-labelling epochs (paper: 200, 100 for stl10; 0 skips)")
+    a("--selflabel-batch-size", type=int, default=1000, help="self-labelling batch size")
+    a("--selflabel-lr", type=float, default=1e-4, help="self-labelling Adam learning rate")
+    a("--confidence-threshold", type=float, default=0.99, help="self-labelling: min max-probability of a pseudo-label")
+    a("--weight-decay", type=float, default=1e-4, help="Adam weight decay of the SCAN and self-labelling stages")
+    a("--monitor-every", type=int, default=None, help="weighted k-NN monitor every N pretext epochs (default: ~10 times per run)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    a("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    a("--seed", type=int, default=0, help="random seed (same seed + device = same result)")
+    a("--quick", action="store_true", help="small CNN, 2000-image subset, few epochs: a smoke run in seconds")
+    a("--restart", action="store_true", help="recompute every stage, ignoring what --out-dir holds")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    tokens = argv if argv is not None else sys.argv[1:]
+    given = {t.split("=")[0].lstrip("-").replace("-", "_") for t in tokens if t.startswith("--")}  # flags set explicitly
+    base = args.dataset.split(":")[0]
+    for k, v in {**PAPER_DEFAULTS["cifar10"], **PAPER_DEFAULTS.get(base, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick:  # quick values only where the user did not set the flag explicitly
+        for k, v in QUICK.items():
+            if k not in given:
+                setattr(args, k, v)
+    args.train_split = args.train_split or "train"
+    args.out_dir = args.out_dir or os.path.join("runs", "scan-" + base)
+    return args
+
+
+class ScanError(Exception):
+    """Bad input or configuration: printed as one paragraph, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Data + augmentation: float images in [0, 1], [B, C, H, W], every random parameter drawn per image.
+# ----------------------------------------------------------------------------------------------------------------
+def _v(t):  # per-image scalar [B] -> broadcastable [B, 1, 1, 1]
+    return t.view(-1, 1, 1, 1)
+
+
+def affine(x, theta, padding_mode="zeros"):
+    """Warp each image by its own 2x3 matrix theta [B, 2, 3] (output coords -> input coords, both in [-1, 1])."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5):
+    """RandomResizedCrop + horizontal flip as one affine warp per image."""
+    B, dev = x.shape[0], x.device
+    area = torch.empty(B, device=dev).uniform_(*scale)                         # crop area / image area
+    aspect = torch.exp(torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.sqrt(area * aspect).clamp(max=1.0)                               # crop side / image side
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)                         # crop centre, crop stays inside
+    cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(B, device=dev) < flip_p, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    return affine(x, theta, "border")
+
+
+def grayscale(x):  # ITU-R 601 luma, [B, 1, H, W]
+    return x if x.shape[1] == 1 else (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def blend(x, y, f):  # PIL's ImageEnhance: f = 0 gives y, f = 1 gives x
+    return (_v(f) * x + (1 - _v(f)) * y).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):  # a colour op: identity on 1-channel images
+    return x if x.shape[1] == 1 else blend(x, grayscale(x), f)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of each image by shift [B] (fraction of a turn) via RGB -> HSV -> RGB. Identity on 1 channel."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-8), torch.zeros_like(maxc))
+    d = delta.clamp(min=1e-8)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6)
+    f = h * 6 - i
+    i = i.long() % 6
+    v = maxc
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    out = [torch.stack(c, 1).gather(1, i.unsqueeze(1)) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    return torch.cat(out, 1)
+
+
+def apply_chosen_op(x, choice, magnitude, ops):
+    """Image i gets ops[choice[i]](x_i, magnitude[i]): each op runs once on the subset that drew it (no per-image loop)."""
+    out = x.clone()
+    for k, op in enumerate(ops):
+        idx = (choice == k).nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = op(x[idx], magnitude[idx])
+    return out
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+    """torchvision's ColorJitter (factors in [1-s, 1+s], hue in [-hue, hue], random order), applied with prob. p."""
+    B, dev = x.shape[0], x.device
+    m = torch.rand(B, 4, device=dev)                                           # magnitudes in [0, 1]
+    m[torch.rand(B, device=dev) >= p] = 0.5                                    # 0.5 = identity for every op below
+    ops = [lambda y, u: adjust_brightness(y, 1 + brightness * (2 * u - 1)),
+           lambda y, u: adjust_contrast(y, 1 + contrast * (2 * u - 1)),
+           lambda y, u: adjust_saturation(y, 1 + saturation * (2 * u - 1)),
+           lambda y, u: adjust_hue(y, hue * (2 * u - 1))]
+    order = torch.rand(B, 4, device=dev).argsort(1)                            # a random permutation per image
+    for step in range(4):
+        op_id = order[:, step]
+        x = apply_chosen_op(x, op_id, m.gather(1, op_id[:, None]).squeeze(1), ops)
+    return x
+
+
+def random_grayscale(x, p=0.2):
+    if x.shape[1] == 1:
+        return x
+    return torch.where(_v(torch.rand(x.shape[0], device=x.device) < p), grayscale(x).expand_as(x), x)
+
+
+def normalize(x, mean, std):
+    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+
+
+def simclr_augment(images, mean, std):
+    """SimCLR's augmentation of a uint8 batch [B, C, H, W] -> normalised float. Colour ops skip 1-channel images."""
+    x = images.float() / 255
+    x = random_resized_crop_flip(x, scale=(0.2, 1.0))
+    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
+    x = random_grayscale(x, p=0.2)
+    return normalize(x, mean, std)
+
+
+# --- SCAN's strong augmentation: flip, 4 of 14 ops (with replacement, random magnitude), normalise, Cutout --------
+def autocontrast(x):  # stretch every channel of every image to [0, 1]
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-8), x)
+
+
+def equalize(x):
+    """PIL's ImageOps.equalize per channel on 256 levels, batched with scatter_add histograms."""
+    B, C, H, W = x.shape
+    q = (x * 255).round().long().clamp(0, 255).view(B * C, H * W)
+    hist = torch.zeros(B * C, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
+    last_bin = 255 - (hist > 0).flip(1).float().argmax(1, keepdim=True)        # highest used level
+    step = torch.div(H * W - hist.gather(1, last_bin), 255, rounding_mode="floor")  # [B*C, 1]
+    cdf_before = hist.cumsum(1) - hist
+    lut = torch.div(cdf_before + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1), rounding_mode="floor").clamp(max=255)
+    out = lut.gather(1, q) / 255
+    return torch.where(step > 0, out, q.float() / 255).view(B, C, H, W)
+
+
+def solarize(x, threshold):  # invert pixels >= threshold [B] (threshold 1 + 1/255 = identity)
+    return torch.where(x >= _v(threshold), 1 - x, x)
+
+
+def posterize(x, bits):  # keep the top bits [B] of the 8-bit value
+    step = _v(2.0 ** (8 - bits))
+    return torch.floor((x * 255).round() / step) * step / 255
+
+
+def sharpness(x, f):
+    """PIL's ImageEnhance.Sharpness: blend with a 3x3 smoothed image (borders untouched)."""
+    B, C, H, W = x.shape
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device).div(13).view(1, 1, 3, 3)
+    smooth = x.clone()
+    smooth[:, :, 1:-1, 1:-1] = F.conv2d(x.reshape(B * C, 1, H, W), kernel).view(B, C, H - 2, W - 2)
+    return blend(x, smooth, f)
+
+
+def _affine_op(a, b, c, d, e, f):  # per-image matrices [[a, b, c], [d, e, f]] -> warp with zero (black) fill
+    return lambda x: affine(x, torch.stack([torch.stack([a, b, c], 1), torch.stack([d, e, f], 1)], 1))
+
+
+def rotate(x, degrees):
+    t = degrees * math.pi / 180
+    z = torch.zeros_like(t)
+    return _affine_op(torch.cos(t), -torch.sin(t), z, torch.sin(t), torch.cos(t), z)(x)
+
+
+def shear(x, s, axis):  # PIL ShearX/Y: x_in = x_out + s * y_out (square images)
+    o, z = torch.ones_like(s), torch.zeros_like(s)
+    return _affine_op(o, s, z, z, o, z)(x) if axis == 0 else _affine_op(o, z, z, s, o, z)(x)
+
+
+def translate(x, frac, axis):  # shift by frac [B] of the image side
+    o, z = torch.ones_like(frac), torch.zeros_like(frac)
+    return _affine_op(o, z, 2 * frac, z, o, z)(x) if axis == 0 else _affine_op(o, z, z, z, o, 2 * frac)(x)
+
+
+# The 14 ops of SCAN's "strong" augmentation; each maps a magnitude u in [0, 1] to its range (SCAN's augment.py).
+STRONG_OPS = [
+    lambda x, u: x,                                                            # identity
+    lambda x, u: autocontrast(x),
+    lambda x, u: equalize(x),
+    lambda x, u: rotate(x, 60 * u - 30),                                       # +-30 degrees
+    lambda x, u: solarize(x, u * 256 / 255),                                   # threshold 0..256 of 255
+    lambda x, u: adjust_saturation(x, 0.05 + 0.9 * u),                         # "color", factor 0.05..0.95
+    lambda x, u: adjust_contrast(x, 0.05 + 0.9 * u),
+    lambda x, u: adjust_brightness(x, 0.05 + 0.9 * u),
+    lambda x, u: sharpness(x, 0.05 + 0.9 * u),
+    lambda x, u: shear(x, 0.2 * u - 0.1, 0),                                   # shear x +-0.1
+    lambda x, u: shear(x, 0.2 * u - 0.1, 1),
+    lambda x, u: translate(x, 0.2 * u - 0.1, 0),                               # translate x +-10%
+    lambda x, u: translate(x, 0.2 * u - 0.1, 1),
+    lambda x, u: posterize(x, torch.floor(4 + 5 * u).clamp(max=8)),            # 4..8 bits
+]
+
+
+def cutout(x, max_frac=0.5):
+    """One square hole per image, side uniform in 1..max_frac*H, centre anywhere (clipped), filled with 0."""
+    B, C, H, W = x.shape
+    dev = x.device
+    side = torch.randint(1, int(max_frac * H) + 1, (B,), device=dev)
+    cy, cx = torch.randint(0, H, (B,), device=dev), torch.randint(0, W, (B,), device=dev)
+    y0, x0 = (cy - side // 2).view(B, 1, 1), (cx - side // 2).view(B, 1, 1)
+    ys, xs = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
+    hole = (ys >= y0) & (ys < y0 + side.view(B, 1, 1)) & (xs >= x0) & (xs < x0 + side.view(B, 1, 1))  # [B, H, W]
+    return x.masked_fill(hole.unsqueeze(1), 0.0)
+
+
+def strong_augment(images, mean, std, num_ops=4):
+    """SCAN's strong augmentation of a uint8 batch [B, C, H, W] -> normalised float."""
+    x = images.float() / 255
+    B, dev = x.shape[0], x.device
+    x = torch.where(_v(torch.rand(B, device=dev) < 0.5), x.flip(3), x)
+    for _ in range(num_ops):
+        x = apply_chosen_op(x, torch.randint(0, len(STRONG_OPS), (B,), device=dev), torch.rand(B, device=dev), STRONG_OPS)
+    return cutout(normalize(x, mean, std), 0.5)
+
+
+def plain(images, mean, std):  # evaluation view: no augmentation
+    return normalize(images.float() / 255, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(in_channels=3, maxpool=False):
+    """ResNet-18 for small images: 3x3 stride-1 stem, no max-pool (stl10: a 2x2 max-pool). Output [B, 512]."""
+    layers = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+    layers += [nn.MaxPool2d(2)] if maxpool else []
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.out_dim = 512
+    return net
+
+
+def small_cnn(in_channels=3, width=32):
+    """Four conv-BN-ReLU stages (width, 2w, 4w, 8w), max-pool between them, global average pool. For CPU runs."""
+    layers, cin = [], in_channels
+    for i in range(4):
+        cout = width * 2 ** i
+        layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool2d(2)] if i < 3 else []
+        cin = cout
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.out_dim = cin
+    return net
+
+
+def make_backbone(args, in_channels):
+    if args.arch == "resnet18":
+        return resnet18(in_channels, maxpool=args.dataset.startswith("stl10"))
+    return small_cnn(in_channels, args.width)
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + SimCLR's MLP head (d -> d -> 128); forward returns L2-normalised projections [B, 128]."""
+    def __init__(self, backbone, proj_dim=128):
+        super().__init__()
+        d = backbone.out_dim
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
+
+    def forward(self, x):
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+class ClusteringModel(nn.Module):
+    """Backbone + num_heads linear heads; forward returns logits [num_heads, B, num_clusters]."""
+    def __init__(self, backbone, num_clusters, num_heads):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList([nn.Linear(backbone.out_dim, num_clusters) for _ in range(num_heads)])
+
+    def forward(self, x):
+        feat = self.backbone(x)
+        return torch.stack([h(feat) for h in self.heads]).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Losses: pure functions of tensors
+# ----------------------------------------------------------------------------------------------------------------
+def nt_xent(z1, z2, temperature=0.1):
+    """SimCLR's NT-Xent (SimCLR Eq. 1), averaged over the 2B anchors. z1, z2: [B, D] L2-normalised views."""
+    B = z1.shape[0]
+    z = torch.cat([z1, z2])                                                    # [2B, D]
+    sim = (z @ z.t()) / temperature                                            # [2B, 2B]
+    sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    positive = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)  # the other view of the same image
+    return F.cross_entropy(sim, positive)
+
+
+def scan_loss(anchor_logits, neighbor_logits, entropy_weight=5.0):
+    """SCAN Eq. (2): -mean_i log <p(x_i), p(x_j)>  - entropy_weight * H(mean_i p(x_i)).
+
+    anchor_logits, neighbor_logits: [B, K]; row i of neighbor_logits is one neighbour of anchor i.
+    Returns (total, consistency, entropy). log <p, q> is computed as logsumexp(log p + log q): exact and stable."""
+    log_pa, log_pn = F.log_softmax(anchor_logits, 1), F.log_softmax(neighbor_logits, 1)   # [B, K]
+    consistency = -torch.logsumexp(log_pa + log_pn, dim=1).mean()
+    mean_p = log_pa.exp().mean(0)                                              # [K]
+    entropy = -(mean_p * torch.log(mean_p.clamp(min=1e-8))).sum()
+    return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def structured_loss(anchor_logits, neighbor_logits, anchor_z, neighbor_z, tau_c=8.0, tau_cc=1.0, eta_cc=1.0, lambda_b=5.0):
+    """Structure-preserving clustering loss of the reproduction paper (001, Sec. 4.3), Eq. (3)-(8).
+
+    anchor_logits [B, c] (view a of x_i), neighbor_logits [B, c] (view b of one random neighbour j of x_i),
+    anchor_z, neighbor_z [B, d]: L2-normalised pretext embeddings of x_i and x_j (fixed, from the mine stage).
+    Readings where the paper is vague: the sums over i of Eq. (3)-(4) become means over the batch (as SCAN does);
+    gamma_ij of Eq. (6) is 1 for every pair (plainest reading), and Eq. (6)'s denominator excludes j = l as written;
+    cluster vectors are the raw columns of the batch's probability matrices (no normalisation, as written).
+    Returns (total, consistency, cluster_contrast, neg_entropy)."""
+    log_qa, log_qb = F.log_softmax(anchor_logits, 1), F.log_softmax(neighbor_logits, 1)   # [B, c]
+    # Eq. (4)-(5): neighbour consistency weighted by w_ij = exp(z_i . z_j / tau_c)
+    w = torch.exp((anchor_z * neighbor_z).sum(1) / tau_c)                      # [B]
+    consistency = -(w * torch.logsumexp(log_qa + log_qb, dim=1)).mean()
+    # Eq. (6)-(7): columns p_l of P = Q^T are cluster representations; cluster l of view a vs cluster l of view b
+    c = anchor_logits.shape[1]
+    pa, pb = log_qa.exp().t(), log_qb.exp().t()                                # [c, B]
+    off_diag = ~torch.eye(c, dtype=torch.bool, device=pa.device)
+
+    def l_cc(p, q):                                                            # -sum_l log(e^{s_ll} / sum_{j!=l} e^{s_lj})
+        s = p @ q.t() / tau_cc                                                 # [c, c]
+        return -(s.diagonal() - torch.logsumexp(s.masked_fill(~off_diag, float("-inf")), dim=1)).sum()
+    cluster_contrast = (l_cc(pa, pb) + l_cc(pb, pa)) / (2 * c)                 # Eq. (7) for one batch (m = 1)
+    # Eq. (8): negative entropy of the mean assignment
+    mean_q = pa.mean(1)                                                        # [c]
+    neg_entropy = (mean_q * torch.log(mean_q.clamp(min=1e-8))).sum()
+    total = consistency + eta_cc * cluster_contrast + lambda_b * neg_entropy   # Eq. (3)
+    return total, consistency, cluster_contrast, neg_entropy
+
+
+def confidence_ce(weak_logits, strong_logits, threshold=0.99):
+    """SCAN's self-labelling loss: cross-entropy on the strong view for samples whose un-augmented max prob > threshold,
+    pseudo-label = argmax; class-balanced by the inverse frequency of each pseudo-label among the confident samples.
+    weak_logits, strong_logits: [B, K]. Returns (loss, n_confident); loss is None when no sample is confident."""
+    prob, target = F.softmax(weak_logits.detach().float(), 1).max(1)           # [B], [B]
+    mask = prob > threshold
+    n = int(mask.sum())
+    if n == 0:
+        return None, 0
+    target = target[mask]
+    counts = torch.bincount(target, minlength=weak_logits.shape[1]).float()    # [K]
+    weight = torch.where(counts > 0, n / counts.clamp(min=1), torch.zeros_like(counts))
+    # F.cross_entropy with weights = sum_i w_{y_i} l_i / sum_i w_{y_i}: every present class has the same total weight
+    return F.cross_entropy(strong_logits[mask].float(), target, weight=weight), n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(fn, images, mean, std, batch_size=1000):
+    """fn(normalised batch) -> tensor; run over all images without augmentation, concatenated on dim -2 (or 0)."""
+    outs = [fn(plain(images[i:i + batch_size], mean, std)).float() for i in range(0, len(images), batch_size)]
+    return torch.cat(outs, dim=-2)
+
+
+def kmeans(x, k, iters=50, n_init=3, seed=0):
+    """Lloyd's k-means with k-means++ seeding, best of n_init by inertia. x [N, D] -> (labels [N], centroids [k, D])."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = x.float()
+    best = None
+    for _ in range(n_init):
+        centroids = x[torch.randint(len(x), (1,), generator=g)]
+        for _ in range(k - 1):                                                 # k-means++: pick far points
+            d2 = torch.cdist(x, centroids).pow(2).min(1).values
+            centroids = torch.cat([centroids, x[torch.multinomial(d2.cpu() + 1e-12, 1, generator=g).to(x.device)]])
+        for _ in range(iters):
+            labels = torch.cdist(x, centroids).argmin(1)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k).float().unsqueeze(1)
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty cluster: keep old
+        inertia = torch.cdist(x, centroids).pow(2).min(1).values.sum().item()
+        if best is None or inertia < best[0]:
+            best = (inertia, torch.cdist(x, centroids).argmin(1), centroids)
+    return best[1], best[2]
+
+
+def weighted_knn_acc(train_z, train_y, test_z, test_y, k=200, t=0.07):
+    """Weighted k-NN classifier on L2-normalised features (the usual SimCLR monitor; labels only used to report)."""
+    k = min(k, len(train_z) - 1)
+    scores, idx = knn(test_z, train_z, k=k, metric="cosine", exclude_self=False)
+    votes = torch.zeros(len(test_z), int(train_y.max()) + 1, device=test_z.device)
+    votes.scatter_add_(1, train_y[idx], torch.exp(scores / t))
+    return (votes.argmax(1) == test_y).float().mean().item()
+
+
+def evaluate_clusters(probs, labels, classes, title):
+    """ACC / NMI / ARI / top-5 (Hungarian, or many-to-one when K > classes) + confusion table; returns the metrics dict."""
+    pred = probs.argmax(1).cpu()
+    known = labels.cpu() >= 0
+    if known.sum() == 0:
+        return {"K": probs.shape[1], "n": len(pred), "nonempty": int(torch.bincount(pred).gt(0).sum())}
+    res = metrics.evaluate(pred[known].numpy(), labels.cpu()[known].numpy(), probs.cpu()[known].numpy())
+    res = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v)
+           for k, v in res.items()}
+    print(f"== {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    conf = metrics.confusion(pred[known].numpy(), labels.cpu()[known].numpy())  # [K_pred, C]
+    names = [c[:6] for c in classes][: conf.shape[1]]
+    print("cluster " + " ".join(f"{n:>6}" for n in names))
+    for i, row in enumerate(conf[:30]):
+        print(f"{i:>7} " + " ".join(f"{v:>6d}" for v in row))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Training stages (each one: resume from its checkpoint, train epochs, save atomically, evaluate)
+# ----------------------------------------------------------------------------------------------------------------
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write(text, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def log_jsonl(out_dir, row):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# Arguments that change what a stage computes: a checkpoint made with other values is refused (use --restart).
+STAGE_KEYS = {
+    "pretext": ["dataset", "train_split", "image_size", "subset", "arch", "width", "seed", "pretext_epochs",
+                "pretext_batch_size", "pretext_lr", "pretext_wd", "temperature"],
+    "mine": ["num_neighbors"],
+    "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "entropy_weight", "update_head_only",
+             "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b", "weight_decay"],
+    "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold"],
+}
+STAGES = list(STAGE_KEYS)
+
+
+def stage_config(args, stage):  # this stage's settings and those of every stage before it
+    keys = sum((STAGE_KEYS[s] for s in STAGES[: STAGES.index(stage) + 1]), [])
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_stage(args, stage):
+    """The stage's checkpoint dict, or None. Refuses corrupted files and checkpoints of another configuration."""
+    path = os.path.join(args.out_dir, stage + ".pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(ckpt, dict) and "config" in ckpt
+    except Exception as e:
+        raise ScanError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It is corrupted or not a scan.py "
+                        f"checkpoint; delete it, pass --restart, or choose another --out-dir.")
+    if ckpt["config"] != stage_config(args, stage):
+        diff = {k: (ckpt["config"].get(k), v) for k, v in stage_config(args, stage).items() if ckpt["config"].get(k) != v}
+        raise ScanError(f"The checkpoint {path} was made with another configuration (saved vs now: {diff}). "
+                        f"Pass --restart to recompute, or choose another --out-dir.")
+    return ckpt
+
+
+class Progress:
+    """Prints 'stage epoch step loss images/s ETA' every few seconds."""
+    def __init__(self, stage, total_steps, every):
+        self.stage, self.total, self.every = stage, total_steps, every
+        self.t0 = self.last = time.time()
+        self.done = self.images = 0
+
+    def step(self, epoch, step, loss, n_images):
+        self.done += 1
+        self.images += n_images
+        now = time.time()
+        if now - self.last >= self.every:
+            rate = self.images / (now - self.t0)
+            eta = (now - self.t0) / self.done * (self.total - self.done)
+            print(f"[{self.stage}] epoch {epoch} step {step} loss {loss:.4f} {rate:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
+            self.last = now
+
+
+def check_finite(loss, stage, epoch, step, args):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"Non-finite {stage} loss at epoch {epoch} step {step}; the last good checkpoint is "
+                                 f"{os.path.join(args.out_dir, stage + '.pt')} (its last completed epoch). Lower the "
+                                 f"learning rate and rerun: the run resumes from there.")
+
+
+def epoch_seed(args, stage, epoch):  # per-epoch reseeding: a resumed run draws the same numbers as an uninterrupted one
+    torch.manual_seed(args.seed * 100003 + STAGES.index(stage) * 10007 + epoch)
+
+
+def autocast(args):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+
+
+def maybe_compile(model, args):
+    return torch.compile(model) if args.compile else model
+
+
+def to_device(model, args):
+    model = model.to(args.device)
+    return model.to(memory_format=torch.channels_last) if args.device == "cuda" else model
+
+
+def prep(x, args):
+    return x.contiguous(memory_format=torch.channels_last) if args.device == "cuda" else x
+
+
+def run_pretext(args, train, test, in_ch):
+    model = to_device(ContrastiveModel(make_backbone(args, in_ch)), args)
+    opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.pretext_wd)
+    ckpt, start = load_stage(args, "pretext"), 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt["complete"]:
+            return model, ckpt
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+        print(f"[pretext] resuming after epoch {start}")
+    fmodel = maybe_compile(model, args)
+    N, B = len(train.images), min(args.pretext_batch_size, len(train.images))
+    steps = N // B
+    monitor_every = args.monitor_every or max(1, args.pretext_epochs // 10)
+    prog = Progress("pretext", steps * (args.pretext_epochs - start), args.log_every)
+    for epoch in range(start, args.pretext_epochs):
+        # cosine decay from lr to lr * 0.1^3 (SCAN's SimCLR config)
+        lr = args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * epoch / args.pretext_epochs)) / 2)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        epoch_seed(args, "pretext", epoch)
+        model.train()
+        t0, total = time.time(), 0.0
+        perm = torch.randperm(N, device=args.device)
+        for step in range(steps):
+            imgs = train.images[perm[step * B:(step + 1) * B]]
+            v1, v2 = simclr_augment(imgs, train.mean, train.std), simclr_augment(imgs, train.mean, train.std)
+            with autocast(args):
+                z = fmodel(prep(torch.cat([v1, v2]), args))                    # [2B, 128]
+            loss = nt_xent(z[:B], z[B:], args.temperature)
+            check_finite(loss, "pretext", epoch, step, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            prog.step(epoch, step, loss.item(), 2 * B)
+        row = {"stage": "pretext", "epoch": epoch + 1, "loss": total / steps, "lr": lr, "seconds": time.time() - t0,
+               "images_per_s": 2 * B * steps / (time.time() - t0)}
+        if (epoch + 1) % monitor_every == 0 or epoch + 1 == args.pretext_epochs:
+            row["knn_acc"] = pretext_monitor(model, train, test)
+        print(f"[pretext] epoch {epoch + 1}/{args.pretext_epochs} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        log_jsonl(args.out_dir, row)
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                "complete": epoch + 1 == args.pretext_epochs, "config": stage_config(args, "pretext"), "args": vars(args)}
+        atomic_save(ckpt, os.path.join(args.out_dir, "pretext.pt"))
+    return model, ckpt
+
+
+def pretext_monitor(model, train, test):
+    if (train.labels < 0).all() or (test.labels < 0).all():
+        return float("nan")
+    model.eval()
+    tz, qz = predict(model, train.images, train.mean, train.std), predict(model, test.images, test.mean, test.std)
+    return weighted_knn_acc(tz, train.labels, qz, test.labels)
+
+
+def run_mine(args, model, train, test):
+    """Neighbours of every train image in the pretext embedding; the pretext + k-means baseline on the test split."""
+    ckpt = load_stage(args, "mine")
+    if ckpt is not None:
+        return ckpt
+    model.eval()
+    train_z = predict(model, train.images, train.mean, train.std)              # [N, 128], L2-normalised
+    test_z = predict(model, test.images, test.mean, test.std)
+    scores, neighbor_idx = knn(train_z, k=args.num_neighbors, metric="cosine", exclude_self=True)  # [N, K]
+    row = {"stage": "pretext+kmeans"}
+    if (train.labels >= 0).all():
+        row["neighbor_acc_top5"] = float(metrics.neighbor_acc(neighbor_idx[:, :5].cpu(), train.labels.cpu()))
+        row["neighbor_acc_top20"] = float(metrics.neighbor_acc(neighbor_idx[:, :20].cpu(), train.labels.cpu()))
+        print(f"[mine] neighbour accuracy top-5 {row['neighbor_acc_top5']:.4f} top-20 {row['neighbor_acc_top20']:.4f}")
+    _, centroids = kmeans(train_z, args.num_clusters, seed=args.seed)
+    test_assign = torch.cdist(test_z, centroids).argmin(1)
+    row.update(evaluate_clusters(F.one_hot(test_assign, args.num_clusters).float(), test.labels, test.classes, "pretext + k-means"))
+    ckpt = {"neighbor_idx": neighbor_idx.cpu(), "scores": scores.cpu(), "train_z": train_z.cpu(), "row": row,
+            "complete": True, "config": stage_config(args, "mine")}
+    atomic_save(ckpt, os.path.join(args.out_dir, "mine.pt"))
+    log_jsonl(args.out_dir, {"stage": "mine", **row})
+    return ckpt
+
+
+@torch.no_grad()
+def head_losses(model, images, mean, std, neighbor_idx, args):
+    """Eq. (2) (all K neighbours, no augmentation) per head on the train set: the label-free head selection."""
+    model.eval()
+    logits = predict(model, images, mean, std)                                 # [H, N, C]
+    log_p = F.log_softmax(logits, 2)
+    consistency = -torch.stack([torch.logsumexp(log_p + log_p[:, neighbor_idx[:, k]], 2).mean(1)
+                                for k in range(neighbor_idx.shape[1])]).mean(0)  # [H]
+    mean_p = log_p.exp().mean(1)                                               # [H, C]
+    entropy = -(mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
+    return consistency - args.entropy_weight * entropy
+
+
+def run_scan(args, pretext_model, mine, train, test):
+    model = ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads)  # backbone from the pretext
+    model = to_device(model, args)
+    params = model.heads.parameters() if args.update_head_only else model.parameters()
+    opt = torch.optim.Adam(params, lr=args.scan_lr, weight_decay=args.weight_decay)
+    ckpt, start = load_stage(args, "scan"), 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt["complete"]:
+            return model, ckpt
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+        print(f"[scan] resuming after epoch {start}")
+    fmodel = maybe_compile(model, args)
+    neighbor_idx, train_z = mine["neighbor_idx"].to(args.device), mine["train_z"].to(args.device)
+    N, B = len(train.images), min(args.scan_batch_size, len(train.images))
+    steps = N // B
+    prog = Progress("scan", steps * (args.scan_epochs - start), args.log_every)
+    for epoch in range(start, args.scan_epochs):
+        epoch_seed(args, "scan", epoch)
+        model.train()
+        if args.update_head_only:
+            model.backbone.eval()                                              # frozen: BN statistics too
+        t0, totals = time.time(), torch.zeros(args.num_heads)
+        perm = torch.randperm(N, device=args.device)
+        for step in range(steps):
+            anchor = perm[step * B:(step + 1) * B]                            # [B]
+            neighbor = neighbor_idx[anchor, torch.randint(0, neighbor_idx.shape[1], (len(anchor),), device=args.device)]
+            x = torch.cat([strong_augment(train.images[anchor], train.mean, train.std),
+                           strong_augment(train.images[neighbor], train.mean, train.std)])
+            with autocast(args):
+                logits = fmodel(prep(x, args))                                 # [H, 2B, C]
+            if args.loss == "scan":
+                losses = [scan_loss(lg[:B], lg[B:], args.entropy_weight)[0] for lg in logits]
+            else:
+                losses = [structured_loss(lg[:B], lg[B:], train_z[anchor], train_z[neighbor], args.tau_c, args.tau_cc,
+                                          args.eta_cc, args.lambda_b)[0] for lg in logits]
+            loss = torch.stack(losses).sum()                                   # every head trained at once
+            check_finite(loss, "scan", epoch, step, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals += torch.stack(losses).detach().cpu()
+            prog.step(epoch, step, loss.item() / args.num_heads, 2 * B)
+        hl = head_losses(model, train.images, train.mean, train.std, neighbor_idx, args)
+        best = int(hl.argmin())
+        row = {"stage": "scan", "epoch": epoch + 1, "loss": (totals / steps).tolist(), "eval_loss": hl.tolist(),
+               "best_head": best, "seconds": time.time() - t0, "images_per_s": 2 * B * steps / (time.time() - t0)}
+        if (test.labels >= 0).any():
+            pred = predict(model, test.images, test.mean, test.std)[best].argmax(1).cpu()
+            row["test_acc"] = float(metrics.cluster_acc(pred.numpy(), test.labels.cpu().numpy()))
+        print(f"[scan] epoch {epoch + 1}/{args.scan_epochs} loss {row['loss'][best]:.4f} eval_loss {hl[best]:.4f} "
+              f"head {best} test_acc {row.get('test_acc', float('nan')):.4f} {row['images_per_s']:.0f} img/s", flush=True)
+        log_jsonl(args.out_dir, row)
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_head": best,
+                "complete": epoch + 1 == args.scan_epochs, "config": stage_config(args, "scan"), "args": vars(args)}
+        atomic_save(ckpt, os.path.join(args.out_dir, "scan.pt"))
+    return model, ckpt
+
+
+def single_head(model, head):  # keep only the selected head: the self-labelling model
+    out = ClusteringModel(model.backbone, model.heads[head].out_features, 1).to(next(model.parameters()).device)
+    out.heads[0].load_state_dict(model.heads[head].state_dict())
+    return out
+
+
+def run_selflabel(args, scan_model, best_head, train, test):
+    model = single_head(scan_model, best_head)
+    opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
+    ckpt, start = load_stage(args, "selflabel"), 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt["complete"]:
+            return model, ckpt
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+        print(f"[selflabel] resuming after epoch {start}")
+    fmodel = maybe_compile(model, args)
+    N, B = len(train.images), min(args.selflabel_batch_size, len(train.images))
+    steps = N // B
+    prog = Progress("selflabel", steps * (args.selflabel_epochs - start), args.log_every)
+    for epoch in range(start, args.selflabel_epochs):
+        epoch_seed(args, "selflabel", epoch)
+        model.train()
+        t0, total, n_conf, used = time.time(), 0.0, 0, 0
+        perm = torch.randperm(N, device=args.device)
+        for step in range(steps):
+            imgs = train.images[perm[step * B:(step + 1) * B]]
+            with torch.no_grad(), autocast(args):
+                weak_logits = fmodel(prep(plain(imgs, train.mean, train.std), args))[0]  # un-augmented view [B, C]
+            with autocast(args):
+                strong_logits = fmodel(prep(strong_augment(imgs, train.mean, train.std), args))[0]
+            loss, n = confidence_ce(weak_logits, strong_logits, args.confidence_threshold)
+            n_conf += n
+            if loss is None:                                                   # no confident sample: skip the batch
+                continue
+            check_finite(loss, "selflabel", epoch, step, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, used = total + loss.item(), used + 1
+            prog.step(epoch, step, loss.item(), 2 * B)
+        row = {"stage": "selflabel", "epoch": epoch + 1, "loss": total / max(used, 1), "confident": n_conf,
+               "confident_frac": n_conf / (steps * B), "seconds": time.time() - t0,
+               "images_per_s": 2 * B * steps / (time.time() - t0)}
+        print(f"[selflabel] epoch {epoch + 1}/{args.selflabel_epochs} loss {row['loss']:.4f} confident {n_conf} "
+              f"({row['confident_frac']:.3f}) {row['images_per_s']:.0f} img/s", flush=True)
+        log_jsonl(args.out_dir, row)
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                "complete": epoch + 1 == args.selflabel_epochs, "config": stage_config(args, "selflabel"), "args": vars(args)}
+        atomic_save(ckpt, os.path.join(args.out_dir, "selflabel.pt"))
+    return model, ckpt
+
+
+def write_outputs(args, model, head, test, rows):
+    """predictions.csv, prototypes.png and results.json for the final model on the test split."""
+    from torchvision.utils import save_image
+    model.eval()
+    probs = predict(model, test.images, test.mean, test.std)[head]            # [N, C]
+    conf, cluster = probs.max(1)
+    lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
+                                                  enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
+    atomic_write("\n".join(lines) + "\n", os.path.join(args.out_dir, "predictions.csv"))
+    per_row = 8
+    tiles = torch.zeros(args.num_clusters * per_row, *test.images.shape[1:])
+    for c in range(args.num_clusters):                                         # most confident images of each cluster
+        members = (cluster == c).nonzero().squeeze(1)
+        top = members[conf[members].argsort(descending=True)[:per_row]]
+        tiles[c * per_row: c * per_row + len(top)] = test.images[top].float().cpu() / 255
+    tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
+    save_image(tiles, tmp, nrow=per_row, padding=1)
+    os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
+    write_results(args, rows)
+
+
+def write_results(args, rows):
+    res = {"dataset": args.dataset, "loss": args.loss, "arch": args.arch, "rows": rows, "args": vars(args)}
+    atomic_write(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. main
+# ----------------------------------------------------------------------------------------------------------------
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScanError("--device cuda was requested but no CUDA device is available; use --device auto or cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ScanError("--device mps was requested but MPS is not available; use --device auto or cpu.")
+    return name
+
+
+def load_data(args):
+    train = data.load_dataset(args.dataset, root=args.data_root, split=args.train_split, image_size=args.image_size)
+    test = data.load_dataset(args.dataset, root=args.data_root, split=args.test_split, image_size=args.image_size)
+    if args.subset is not None and args.subset < len(train.images):
+        if args.subset < 2:
+            raise ScanError(f"--subset {args.subset} is too small; give at least 2 images.")
+        keep = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[: args.subset]
+        train = replace(train, images=train.images[keep], labels=train.labels[keep])
+    return (replace(d, images=d.images.to(args.device), labels=d.labels.to(args.device)) for d in (train, test))
+
+
+def replace(ds, **fields):  # data.Dataset with some fields swapped (NamedTuple or dataclass)
+    return ds._replace(**fields) if hasattr(ds, "_replace") else dataclasses.replace(ds, **fields)
+
+
+def check_args(args, train):
+    N = len(train.images)
+    if args.num_clusters < 2:
+        raise ScanError(f"--num-clusters must be at least 2 (got {args.num_clusters}).")
+    if args.num_clusters > N:
+        raise ScanError(f"--num-clusters {args.num_clusters} is more than the {N} training images.")
+    if not 1 <= args.num_neighbors < N:
+        raise ScanError(f"--num-neighbors must be in 1..{N - 1} for {N} training images (got {args.num_neighbors}).")
+    if args.num_heads < 1:
+        raise ScanError(f"--num-heads must be at least 1 (got {args.num_heads}).")
+    for k in ["pretext_epochs", "scan_epochs", "pretext_batch_size", "scan_batch_size", "selflabel_batch_size"]:
+        if getattr(args, k) < 1:
+            raise ScanError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)}).")
+    if args.selflabel_epochs < 0 or not 0 < args.confidence_threshold < 1:
+        raise ScanError("--selflabel-epochs must be >= 0 and --confidence-threshold in (0, 1).")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args.device = pick_device(args.device)
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        if args.device == "cuda":
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(args.seed)
+        train, test = load_data(args)
+        args.num_clusters = args.num_clusters or len(train.classes)
+        check_args(args, train)
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.restart:
+            for name in STAGES + ["results.json", "predictions.csv", "prototypes.png", "log.jsonl"]:
+                path = os.path.join(args.out_dir, name if "." in name else name + ".pt")
+                if os.path.exists(path):
+                    os.remove(path)
+        for s in STAGES:  # validate every existing checkpoint before spending time
+            load_stage(args, s)
+        in_ch = train.images.shape[1]
+        print(f"scan.py: {args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} "
+              f"arch {args.arch} device {args.device} clusters {args.num_clusters} loss {args.loss} out {args.out_dir}", flush=True)
+        t_start = time.time()
+        pretext_model, _ = run_pretext(args, train, test, in_ch)
+        mine = run_mine(args, pretext_model, train, test)
+        rows = [mine["row"]]
+        write_results(args, rows)
+        scan_model, scan_ckpt = run_scan(args, pretext_model, mine, train, test)
+        head = scan_ckpt["best_head"]
+        probs = predict(scan_model, test.images, test.mean, test.std)[head]
+        rows.append({"stage": "scan", "head": head, **evaluate_clusters(probs, test.labels, test.classes, f"SCAN (head {head})")})
+        write_results(args, rows)
+        final_model, final_head = scan_model, head
+        if args.selflabel_epochs > 0:
+            final_model, _ = run_selflabel(args, scan_model, head, train, test)
+            final_head = 0
+            probs = predict(final_model, test.images, test.mean, test.std)[0]
+            rows.append({"stage": "selflabel", **evaluate_clusters(probs, test.labels, test.classes, "self-label")})
+        rows[-1]["wall_seconds_this_run"] = time.time() - t_start
+        write_outputs(args, final_model, final_head, test, rows)
+        print(f"done in {time.time() - t_start:.1f} s; outputs in {args.out_dir}")
+    except (data.DataError, ScanError) as e:
+        print(f"scan.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"scan.py: stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

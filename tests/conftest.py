@@ -1,0 +1,8 @@
+"""Make the repository's modules importable from the tests, whatever directory pytest is started from."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

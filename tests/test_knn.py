@@ -1,0 +1,146 @@
+"""knn.py against a float64 brute force (exact order, ties to the lower index) and against faiss."""
+
+import numpy as np
+import pytest
+import torch
+
+from knn import GROUP, knn
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def brute_force(queries, keys, k, metric, exclude_self):
+    """Sort every row completely in float64: (score descending, index ascending); l2 returns distances."""
+    q, x = queries.double(), keys.double()
+    if metric == "cosine":
+        q, x = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(x, dim=1)
+    scores = -torch.cdist(q, x) ** 2 if metric == "l2" else q @ x.T
+    if exclude_self:
+        scores.fill_diagonal_(float("-inf"))
+    vals, idx = scores.sort(dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
+    return (-vals if metric == "l2" else vals), idx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("num_points,dim,k,chunk_size", [
+    (1000, 16, 20, None),       # one block
+    (1000, 16, 20, 97),         # chunks that do not divide N
+    (333, 5, 7, 64),            # N not a multiple of the group width
+    (GROUP * 3, 4, 2, 1),       # one row per chunk, few groups
+    (50, 3, 30, None),          # fewer groups than k: the full-sort path
+])
+def test_self_search_equals_brute_force(device, metric, num_points, dim, k, chunk_size):
+    gen = torch.Generator().manual_seed(num_points + k)
+    feats = torch.randn(num_points, dim, generator=gen)
+    scores, indices = knn(feats.to(device), k=k, metric=metric, chunk_size=chunk_size)
+    ref_scores, ref_indices = brute_force(feats, feats, k, metric, exclude_self=True)
+    assert scores.shape == indices.shape == (num_points, k)
+    assert scores.device.type == device
+    torch.testing.assert_close(scores.cpu().double(), ref_scores, atol=1e-4, rtol=1e-4)
+    # continuous random data has no near-ties, so the order must match exactly
+    assert torch.equal(indices.cpu(), ref_indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_separate_keys(metric):
+    gen = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(300, 8, generator=gen), torch.randn(500, 8, generator=gen)
+    scores, indices = knn(queries, keys, k=10, metric=metric, chunk_size=70)
+    ref_scores, ref_indices = brute_force(queries, keys, 10, metric, exclude_self=False)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_ties_go_to_the_lower_index(metric):
+    # binary vectors: many exactly equal scores, also at the k-th place and across groups
+    gen = torch.Generator().manual_seed(2)
+    # (3000 points = 94 groups > k, so the two-stage path runs and meets ties in both of its stages)
+    feats = torch.randint(0, 3, (3000, 3), generator=gen).float() + torch.tensor([1.0, 0, 0])
+    scores, indices = knn(feats, k=25, metric=metric, chunk_size=512)
+    ref_scores, ref_indices = brute_force(feats, feats, 25, metric, exclude_self=True)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=1e-5, rtol=0)
+
+
+def test_exclude_self_is_by_index_even_with_duplicates():
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(2000, 6, generator=gen)  # 63 groups > k: the two-stage path
+    feats[50:60] = feats[5]        # eleven identical points, tied with each other inside the top-k
+    scores, indices = knn(feats, k=12)
+    own = torch.arange(2000)[:, None]
+    assert not (indices == own).any()
+    dup_rows = [5] + list(range(50, 60))
+    for row in dup_rows:           # the ten other copies come first, at similarity 1
+        others = sorted(set(dup_rows) - {row})
+        assert indices[row, :10].tolist() == others
+        torch.testing.assert_close(scores[row, :10], torch.ones(10))
+    # without exclusion the point itself (lowest index among equals first) is a neighbour
+    _, with_self = knn(feats, k=12, exclude_self=False)
+    assert with_self[55, :11].tolist() == sorted(dup_rows)
+
+
+def test_half_inputs_are_accumulated_in_float32():
+    gen = torch.Generator().manual_seed(4)
+    feats = torch.randn(400, 64, generator=gen).half()
+    scores, indices = knn(feats, k=5, metric="ip")
+    ref_scores, ref_indices = brute_force(feats.float(), feats.float(), 5, "ip", exclude_self=True)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), ref_scores, atol=1e-3, rtol=1e-5)
+    assert torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_equals_faiss(metric):
+    faiss = pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(3000, 32, generator=gen)
+    if metric == "cosine":
+        data = torch.nn.functional.normalize(feats, dim=1).numpy()
+        index = faiss.IndexFlatIP(32)
+    else:
+        data = feats.numpy()
+        index = faiss.IndexFlatL2(32)
+    index.add(data)
+    ref_scores, ref_indices = index.search(data, 11)
+    # drop each point itself from faiss' answer, by index
+    keep = ref_indices != np.arange(3000)[:, None]
+    ref_indices = np.stack([row[mask][:10] for row, mask in zip(ref_indices, keep)])
+    ref_scores = np.stack([row[mask][:10] for row, mask in zip(ref_scores, keep)])
+    scores, indices = knn(feats, k=10, metric=metric, chunk_size=500)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-4, rtol=1e-4)
+    # indices up to ties: every disagreement must be between equal scores
+    differ = indices.numpy() != ref_indices
+    assert differ.mean() < 1e-3
+    np.testing.assert_allclose(scores.numpy()[differ], ref_scores[differ], atol=1e-5)
+
+
+def test_memory_budget_bounds_the_block():
+    feats = torch.randn(5000, 8)
+    # 1 MiB budget -> blocks of at most 1 MiB / (4 bytes * 5024 columns) = 52 rows; same answer as one big block
+    small = knn(feats, k=5, memory_mb=1)
+    big = knn(feats, k=5, chunk_size=5000)
+    assert torch.equal(small[1], big[1]) and torch.equal(small[0], big[0])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: knn(torch.randn(10, 4), k=10), "k=10"),
+    (lambda: knn(torch.randn(10, 4), k=0), "k=0"),
+    (lambda: knn(torch.randn(10, 4), torch.randn(5, 4), k=6), "only 5 candidate"),
+    (lambda: knn(torch.randn(0, 4), k=1), "non-empty"),
+    (lambda: knn(torch.randn(10), k=1), "2-D"),
+    (lambda: knn(torch.randn(10, 4), torch.randn(10, 3), k=1), "dimension 4 but keys have 3"),
+    (lambda: knn(torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]]), k=1), "NaN or infinite"),
+    (lambda: knn(torch.randn(10, 4), k=1, metric="euclid"), "unknown metric"),
+])
+def test_bad_input_raises_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_k_equal_to_all_other_points_is_allowed():
+    feats = torch.randn(10, 4)
+    _, indices = knn(feats, k=9)
+    assert all(sorted(row) == sorted(set(range(10)) - {i}) for i, row in enumerate(indices.tolist()))
