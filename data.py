@@ -261,7 +261,7 @@ def make_synthetic(split="train", num_images=None, num_classes=10, image_size=32
     """Class-structured images for tests and demos. Class c is texture c % 10 of PATTERNS (1.6x coarser for each
     further 10 classes) with a dark/light colour pair drawn from templates fixed by `seed`. Per image: random scale
     (0.75-1.35x), rotation (+-15 deg), position, light-on-dark or dark-on-light, random colours instead of the class's
-    in 40% of images, an illumination ramp and pixel noise. So raw pixels carry some class signal (colour, layout) and
+    in 25% of images, an illumination ramp and pixel noise. So raw pixels carry some class signal (colour, layout) and
     k-means on them is far from perfect, while texture features invariant to crops and colour separate the classes.
     Train and test come from the same templates with different seeds (5000 and 1000 images by default)."""
     n, names = num_images or (5000 if split == "train" else 1000), list(PATTERNS)
@@ -279,7 +279,7 @@ def make_synthetic(split="train", num_images=None, num_classes=10, image_size=32
     angle = (rand(n) - 0.5) * math.pi / 6
     centre = (rand(n, 2) - 0.5) * image_size  # [N, 2] pattern origin (rings, spokes) anywhere in the image
     direction = rand(n).lt(0.5).float() * 2 - 1
-    own = (rand(n) < 0.6).view(n, 1)  # images keeping their class colours (jittered); the others get random ones
+    own = (rand(n) < 0.75).view(n, 1)  # images keeping their class colours (jittered); the others get random ones
     fg = torch.where(own, dark[labels] + 0.15 * (rand(n, 3) - 0.5), 0.4 * rand(n, 3))  # [N, 3]
     bg = torch.where(own, light[labels] + 0.15 * (rand(n, 3) - 0.5), 0.6 + 0.4 * rand(n, 3))
     swap = (rand(n) < 0.5).view(n, 1)

@@ -172,31 +172,32 @@ def new_top_layer(feature_dim, num_clusters, device):
 
 
 # ---------------------------------------------------------------------------------------------------- clustering
-def pca_whiten(x, dim=256, eps=1e-6):
-    """PCA to `dim` dimensions, each divided by sqrt(eigenvalue) (whitening, Sec. 4.2), then L2-normalised rows.
-    x: [N, D] -> (descriptors [N, min(dim, D)], whiten_fn) where whiten_fn applies the same map to other data.
-    Eigenvalues below eps * the largest are clamped so rank-deficient features do not blow up."""
+def pca_whitening(x, dim=256, eps=1e-6):
+    """PCA-whitening fitted on x [N, D] (Sec. 4.2): returns (mean [1, D], proj [D, d]) with d = min(dim, D) such that
+    (x - mean) @ proj has identity covariance: the top-d eigenvectors of the covariance, each divided by the square
+    root of its eigenvalue. Eigenvalues below eps * the largest are clamped so that dead units do not blow up."""
     mean = x.mean(0, keepdim=True)
     xc = (x - mean).double()
     cov = xc.T @ xc / max(x.shape[0] - 1, 1)  # [D, D] in float64 for a stable eigh
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
-    proj = (evecs / evals.clamp_min(eps * evals[0]).sqrt()).to(x.dtype)  # [D, dim]
+    return mean, (evecs / evals.clamp_min(eps * evals[0]).sqrt()).to(x.dtype)
 
-    def whiten_fn(y):
-        return F.normalize((y - mean) @ proj, dim=1)
 
-    return whiten_fn(x), whiten_fn
+def whiten(x, mean, proj):
+    """Descriptors for clustering: PCA-whitened, then L2-normalised rows. x [N, D] -> [N, d]."""
+    return F.normalize((x - mean) @ proj, dim=1)
 
 
 def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
-    """Lloyd's k-means. x: [N, D] float -> (assignment [N] int64, centroids [k, D], inertia, inertia per iteration).
+    """Lloyd's k-means. x: [N, D] float -> (assignment [N] int64, centroids [k, D], inertia after each assignment
+    step, number of empty-cluster splits). The last inertia is that of the returned assignment.
 
-    Init: k distinct random points. Each iteration assigns points to the nearest centroid with
-    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2 (one matmul per chunk) and moves centroids to their cluster means.
-    Empty clusters follow faiss' rule: take a non-empty cluster with probability proportional to (size - 1),
-    copy its centroid and perturb both copies symmetrically by a factor 1 +- 1/1024. The final assignment uses
-    the final centroids. `inertia` is the sum of squared distances of that assignment."""
+    Init: x[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:k]]. Then `iters` times: assign each
+    point to its nearest centroid, move each centroid to the mean of its points; then a final assignment with the
+    final centroids. Distances: ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, one matmul per chunk of rows.
+    Empty clusters (faiss' rule): pick a non-empty cluster with probability proportional to (size - 1), copy its
+    centroid and perturb both copies symmetrically, coordinates times 1 +- 1/1024."""
     n, d = x.shape
     if not 1 <= k <= n:
         raise UsageError(f"k-means: need 1 <= k <= number of points (k={k}, {n} points).")
@@ -206,9 +207,9 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
     x_sq = x.pow(2).sum(1)  # [N]
     sign = torch.ones(d, device=x.device, dtype=x.dtype)
     sign[1::2] = -1  # faiss perturbs even coordinates by (1 + eps) and odd ones by (1 - eps) (and vice versa)
-    history = []
+    history, splits = [], 0
 
-    def assign(c):
+    def assign(c):  # -> nearest centroid [N], squared distance to it [N]
         c_sq = c.pow(2).sum(1)  # [k]
         idx, dist = [], []
         for s in range(0, n, rows):
@@ -222,9 +223,12 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
         labels, dist = assign(centroids)
         history.append(float(dist.sum()))
         counts = torch.bincount(labels, minlength=k)  # [k]
-        one_hot = torch.sparse_coo_tensor(torch.stack([labels, torch.arange(n, device=x.device)]),
-                                          torch.ones(n, device=x.device, dtype=x.dtype), (k, n), check_invariants=False)
-        sums = torch.sparse.mm(one_hot, x)  # [k, D] sum of the points of each cluster
+        if x.device.type == "cpu":  # a one-hot sparse matmul is ~5x faster than index_add_ on CPU
+            one_hot = torch.sparse_coo_tensor(torch.stack([labels, torch.arange(n)]), torch.ones(n, dtype=x.dtype),
+                                              (k, n), check_invariants=False)
+            sums = torch.sparse.mm(one_hot, x)  # [k, D] sum of the points of each cluster
+        else:
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(x.dtype)
         counts = counts.cpu()
@@ -234,9 +238,10 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
             centroids[cj] = centroids[cj] * (1 - sign / 1024)
             counts[ci] = counts[cj] // 2  # assume an even split, as faiss does, for later draws
             counts[cj] -= counts[ci]
+            splits += 1
     labels, dist = assign(centroids)
     history.append(float(dist.sum()))
-    return labels, centroids, history[-1], history
+    return labels, centroids, history, splits
 
 
 def pic_graph(neighbor_idx, neighbor_dist, sigma=0.2):
@@ -398,9 +403,9 @@ def cluster_epoch(args, desc, seed):
     dist, idx = knn(desc, k=max(10, args.pic_neighbors), metric="l2")  # sorted ascending; the first 5 are the 5-NN
     t = time.time()
     if args.clustering == "kmeans":
-        labels, _, inertia, _ = kmeans(desc, min(args.num_clusters, len(desc)), args.kmeans_iters, seed)
-        labels = torch.unique(labels, return_inverse=True)[1]
-        info = dict(clustering_loss=inertia / len(desc))
+        labels, _, inertia, splits = kmeans(desc, args.num_clusters, args.kmeans_iters, seed)
+        labels = compact(labels, args.num_clusters)
+        info = dict(clustering_loss=inertia[-1] / len(desc), empty_cluster_splits=splits)
     else:
         labels, info = pic(idx[:, :args.pic_neighbors], dist[:, :args.pic_neighbors], args.pic_sigma, args.pic_alpha,
                            args.pic_iters)
@@ -414,7 +419,7 @@ def train_epoch(args, model, optimizer, images, labels, mean, std, epoch, log_ev
     num_clusters = int(labels.max()) + 1
     top = new_top_layer(model.feature_dim, num_clusters, device)
     top_opt = torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    order = uniform_cluster_sample(labels, len(labels)).to(device)
+    order = uniform_cluster_sample(labels, int((labels >= 0).sum())).to(device)  # as many draws as clustered images
     steps = max(1, len(order) // args.batch_size)
     model.train()
     t0 = last = time.time()
@@ -472,8 +477,8 @@ def final_evaluation(args, model, ds, images, mean, std, num_classes, device):
     best = None
     for r in range(10):
         labels, centroids, inertia, _ = kmeans(desc, num_classes, args.kmeans_iters, seed=10_000 + r)
-        if best is None or inertia < best[2]:
-            best = (labels, centroids, inertia)
+        if best is None or inertia[-1] < best[2]:
+            best = (labels, centroids, inertia[-1])
     labels, centroids, _ = best
     d2 = torch.cdist(desc, centroids).pow(2)  # [N, C]; desc are unit vectors so d2 lies in [0, ~4]
     probs = F.softmax(-d2 / 0.1, dim=1)  # confidence: softmax over negative squared distances (temperature 0.1)
@@ -557,21 +562,22 @@ def run(args):
         torch.manual_seed(args.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same epochs
         subset = torch.randperm(n, device=device)[:epoch_n].sort().values if epoch_n < n else torch.arange(n, device=device)
         feats = extract_features(forward, images[subset], mean, std)
-        desc, whiten = pca_whiten(feats, args.pca_dim)
+        pca = pca_whitening(feats, args.pca_dim)
+        desc = whiten(feats, *pca)  # [n, 256] unit vectors
         labels, info, nn10 = cluster_epoch(args, desc, seed=args.seed * 100_003 + epoch)
         full = torch.full((n,), -1, dtype=torch.long, device=device)
         full[subset] = labels  # pseudo-labels by original index, -1 for images outside this epoch's subset
         sizes = torch.bincount(labels)
         rec = dict(epoch=epoch, num_clusters=int((sizes > 0).sum()), singletons=int((sizes == 1).sum()),
                    largest_cluster=int(sizes.max()), **info)
-        if prev_labels is not None:
+        if prev_labels is not None:  # stability (paper Fig. 2); with --epoch-images over images clustered both times
             both = (full >= 0) & (prev_labels.to(device) >= 0)
             rec["nmi_prev"] = nmi(full[both].cpu(), prev_labels[both.cpu()])
         if has_labels:
             rec["nmi_labels"] = nmi(labels.cpu(), train.labels[subset.cpu()])
             rec["ratio_edge_intra_class"] = ratio_edge_intra_class(nn10.cpu(), train.labels[subset.cpu()])
         if has_labels and (test.labels >= 0).all():  # quality of the features clustered in this epoch
-            test_desc = whiten(extract_features(forward, test_images, mean, std))
+            test_desc = whiten(extract_features(forward, test_images, mean, std), *pca)
             rec["knn_acc"] = weighted_knn_acc(desc, train_labels[subset], test_desc, test_labels, args.monitor_k)
         loss, secs = train_epoch(args, forward, optimizer, images, full, mean, std, epoch)
         rec.update(loss=loss, train_seconds=round(secs, 1))

@@ -239,22 +239,23 @@ def test_synthetic_shapes_determinism_and_stats():
 
 
 def test_synthetic_raw_pixels_cluster_above_chance_but_not_perfectly():
-    ds = data.load_dataset("synthetic", num_images=2000)
-    pred = KMeans(10, n_init=3, random_state=0).fit_predict(ds.images.flatten(1).float().numpy() / 255)
+    ds = data.load_dataset("synthetic", num_images=1000)
+    pred = KMeans(10, n_init=1, random_state=0).fit_predict(ds.images.flatten(1).float().numpy() / 255)
     acc, nmi = cluster_acc(pred, ds.labels.numpy()), normalized_mutual_info_score(ds.labels.numpy(), pred)
     assert 0.25 < acc < 0.8 and nmi > 0.15  # chance is 0.1: colour and layout carry some, not all, of the class
 
 
 def test_synthetic_classes_survive_crops_flips_and_grayscale():
     """The class is in the luminance texture: after grayscale, random resized crops (scale 0.2-1) and flips, a
-    translation-invariant texture feature (log amplitude spectrum) still clusters far above chance."""
-    ds = data.load_dataset("synthetic", num_images=1000)
+    translation-invariant texture feature (normalised amplitude spectrum) still clusters far above chance."""
+    n = 600
+    ds = data.load_dataset("synthetic", num_images=n)
     gen = torch.Generator().manual_seed(0)
     gray = ds.images.float().mean(1, keepdim=True)  # [N, 1, 32, 32]
-    scale, ratio = 0.2 + 0.8 * torch.rand(1000, generator=gen), torch.exp((torch.rand(1000, generator=gen) - 0.5) * 0.58)
+    scale, ratio = 0.2 + 0.8 * torch.rand(n, generator=gen), torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.58)
     w, h = (32 * (scale * ratio).sqrt()).clamp(4, 32), (32 * (scale / ratio).sqrt()).clamp(4, 32)
     crops = []
-    for i in range(1000):  # per-image crop parameters
+    for i in range(n):  # per-image crop parameters
         top = int(torch.randint(0, 33 - int(h[i]), (1,), generator=gen))
         left = int(torch.randint(0, 33 - int(w[i]), (1,), generator=gen))
         crop = torch.nn.functional.interpolate(gray[i:i + 1, :, top:top + int(h[i]), left:left + int(w[i])], size=32,
@@ -262,7 +263,8 @@ def test_synthetic_classes_survive_crops_flips_and_grayscale():
         crops.append(crop.flip(-1) if torch.rand(1, generator=gen) < 0.5 else crop)
     crops = torch.cat(crops)[:, 0]
     crops = crops - crops.mean((1, 2), keepdim=True)
-    spectrum = torch.log1p(torch.fft.rfft2(crops).abs()).flatten(1).numpy()
+    spectrum = torch.fft.rfft2(crops).abs().flatten(1)  # [N, 32 * 17] amplitudes: the same wherever the texture sits
+    spectrum = (spectrum / spectrum.norm(dim=1, keepdim=True)).numpy()  # and whatever its contrast
     pred = KMeans(10, n_init=3, random_state=0).fit_predict(spectrum)
     assert cluster_acc(pred, ds.labels.numpy()) > 0.35
 

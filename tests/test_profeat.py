@@ -1,0 +1,301 @@
+"""Tests of profeat.py: pair construction (ProFeat_s and ProFeat_e), Eq. (1) against a loop transcription, the clustering
+step's separation of g and g', smoke runs of both variants, resume between iterations, and bad input."""
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import profeat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny run: --quick on 16x16 synthetic images, 300 of them (about 10-20 s on two CPU cores).
+TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--device", "cpu", "--threads", "2",
+        "--log-every", "1000"]
+
+
+def run(args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "profeat.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)["rows"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair construction on hand-made batches
+# ---------------------------------------------------------------------------------------------------------------
+def test_confident_groups_filter_by_t_s_and_group_by_cluster():
+    probs = torch.tensor([[0.95, 0.03, 0.02],   # 0: confident, cluster 0
+                          [0.99, 0.01, 0.00],   # 1: confident, cluster 0
+                          [0.30, 0.50, 0.20],   # 2: not confident (cluster 1)
+                          [0.04, 0.90, 0.06],   # 3: exactly t_s -> confident, cluster 1
+                          [0.01, 0.04, 0.95],   # 4: confident, cluster 2
+                          [0.02, 0.97, 0.01]])  # 5: confident, cluster 1
+    keep, group = profeat.confident_groups(probs, t_s=0.9)
+    assert keep.tolist() == [True, True, False, True, True, True]
+    expected = {(0, 0), (1, 1), (3, 3), (4, 4), (5, 5), (0, 1), (1, 0), (3, 5), (5, 3)}
+    assert {(i, j) for i in range(6) for j in range(6) if group[i, j]} == expected
+    keep, group = profeat.confident_groups(probs, t_s=0.99)     # only image 1 survives
+    assert keep.tolist() == [False, True, False, False, False, False] and group.sum() == 1
+
+
+def test_view_positives_and_negatives_of_profeat_s():
+    # kept images a, b (same cluster) and c (alone): views are rows 0..2 (view 1) and 3..5 (view 2)
+    group = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    pos = profeat.view_positives(group)
+    image = [0, 1, 2, 0, 1, 2]
+    for u in range(6):
+        for v in range(6):
+            same_group = image[u] == image[v] or {image[u], image[v]} == {0, 1}
+            assert bool(pos[u, v]) == (u != v and same_group), (u, v)
+    # negatives: every other ordered pair of distinct views (a-c, b-c in both directions, 4 views each way)
+    negatives = ~pos & ~torch.eye(6, dtype=torch.bool)
+    assert negatives.sum() == 2 * 2 * 4 and pos.sum() == 6 * 6 - 6 - 16
+
+
+def agreement_by_loop(clusters):
+    E, B = clusters.shape
+    return [[sum(int(clusters[e, i] == clusters[e, j]) for e in range(E)) for j in range(B)] for i in range(B)]
+
+
+def test_ensemble_groups_agreement_t_e_and_t_c():
+    # E = 3 members, B = 6 images; cluster indices differ between members (only agreement matters)
+    clusters = torch.tensor([[0, 0, 0, 0, 1, 2],
+                             [5, 5, 5, 7, 7, 6],
+                             [2, 2, 2, 1, 3, 3]])
+    c = agreement_by_loop(clusters)  # Eq. (3)
+    assert c[0][1] == c[0][2] == c[1][2] == 3 and c[0][3] == 1 and c[3][4] == 1 and c[4][5] == 1
+    # t_e = 3 (unanimity): {0, 1, 2} form a triangle (2 connections each); 3, 4, 5 have none
+    for t_c, kept in [(1, [0, 1, 2]), (2, [0, 1, 2]), (3, [])]:
+        keep, group = profeat.ensemble_groups(clusters, t_e=3, t_c=t_c)
+        assert keep.nonzero().squeeze(1).tolist() == kept
+        expected = {(i, j) for i in kept for j in kept}
+        assert {(i, j) for i in range(6) for j in range(6) if group[i, j]} == expected
+    # t_e = 1: any agreement connects; t_e compares with >= (c = t_e connects)
+    keep, group = profeat.ensemble_groups(clusters, t_e=1, t_c=1)
+    for i in range(6):
+        for j in range(6):
+            assert bool(group[i, j]) == (i == j or c[i][j] >= 1), (i, j)
+
+
+def test_ensemble_pruning_is_one_pass_and_drops_pairs():
+    # E = 2, t_e = 1: member 0 links 0-1, 2-3, 4-5 and member 1 links 1-2, 3-4: a chain 0-1-2-3-4-5.
+    clusters = torch.tensor([[0, 0, 1, 1, 2, 2],
+                             [5, 6, 6, 7, 7, 8]])
+    keep, group = profeat.ensemble_groups(clusters, t_e=1, t_c=2)
+    # the chain's ends have 1 connection and are dropped with their pairs; one pass (as written): 1 and 4 are kept
+    # although they lose a connection to the dropped ends (a repeated pruning would empty the batch)
+    assert keep.tolist() == [False, True, True, True, True, False]
+    expected = {(i, i) for i in [1, 2, 3, 4]} | {(1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3)}
+    assert {(i, j) for i in range(6) for j in range(6) if group[i, j]} == expected
+    keep, group = profeat.ensemble_groups(clusters, t_e=2, t_c=1)    # no pair is unanimous: nothing survives
+    assert not keep.any() and not group.any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. (1) against a naive transcription
+# ---------------------------------------------------------------------------------------------------------------
+def eq1_by_loop(z, positives, tau):
+    """L_g = -sum_{(i,j) in P} log exp(sim(z_i, z_j)/tau) / sum_{(k,l) in Q_i} exp(sim(z_k, z_l)/tau), divided by |P|,
+    with Q = every ordered pair of distinct views and Q_i = the pairs of Q whose first element is i."""
+    V = z.shape[0]
+    sim = lambda u, v: (u @ v) / (u.norm() * v.norm())
+    Q = [(k, l) for k in range(V) for l in range(V) if k != l]
+    P = [(i, j) for i in range(V) for j in range(V) if positives[i, j]]
+    total = 0.0
+    for i, j in P:
+        denom = sum(torch.exp(sim(z[k], z[l]) / tau) for k, l in Q if k == i)
+        total = total - torch.log(torch.exp(sim(z[i], z[j]) / tau) / denom)
+    return total / len(P)
+
+
+@pytest.mark.parametrize("kind", ["simclr", "clusters", "random"])
+def test_refinement_loss_matches_eq1_values_and_gradients(kind):
+    g = torch.Generator().manual_seed(1)
+    n = 5
+    if kind == "simclr":        # iteration 1: each image its own group
+        group = torch.eye(n, dtype=torch.bool)
+    elif kind == "clusters":    # two confident clusters {0, 1, 2} and {3, 4}
+        cl = torch.tensor([0, 0, 0, 1, 1])
+        group = cl[:, None] == cl[None, :]
+    else:                       # any symmetric relation (an ensemble's connections need not be transitive)
+        r = torch.rand(n, n, generator=g) < 0.4
+        group = r | r.t() | torch.eye(n, dtype=torch.bool)
+    positives = profeat.view_positives(group)
+    raw = torch.randn(2 * n, 8, generator=g, dtype=torch.float64)
+    z1 = raw.clone().requires_grad_(True)
+    z2 = raw.clone().requires_grad_(True)
+    ours = profeat.refinement_loss(F.normalize(z1, dim=1), positives, temperature=0.1)
+    naive = eq1_by_loop(z2, positives, 0.1)
+    ours.backward()
+    naive.backward()
+    assert torch.allclose(ours, naive, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(z1.grad, z2.grad, rtol=1e-8, atol=1e-10)
+    if kind == "simclr":        # and it is SimCLR's NT-Xent (cross-entropy towards the other view)
+        z = F.normalize(raw, dim=1)
+        logits = (z @ z.t() / 0.1).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        assert torch.allclose(ours.detach(), F.cross_entropy(logits, target), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    torch.set_num_threads(2)
+    args = profeat.parse_args(TINY + ["--out-dir", str(tmp_path_factory.mktemp("unit"))])
+    args.device = "cpu"
+    pretext, train, test = profeat.load_data(args)
+    args.num_clusters = len(train.classes)
+    profeat.check_args(args, len(train.images))
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    g_model = profeat.ContrastiveModel(profeat.make_backbone(args, train.images.shape[1]))
+    return args, train, g_model
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypatch):
+    args, train, g_model = tiny_setup
+    args = copy.copy(args)
+    args.scan_epochs, args.finetune = 1, False                 # one SCAN epoch is enough to see what is trained
+    before, seen = state(g_model), {}
+    original = profeat.run_stage
+
+    def spy(args_, name, model, *rest, **kw):  # g' at the start of the SCAN stage
+        if name.endswith("_scan"):
+            seen["g_prime_start"] = state(model.backbone)
+            seen["g_prime"] = model.backbone
+        return original(args_, name, model, *rest, **kw)
+    monkeypatch.setattr(profeat, "run_stage", spy)
+    model, head, info = profeat.clustering_step(args, 1, 0, g_model, train)
+    g_backbone = {k[len("backbone."):]: v for k, v in before.items() if k.startswith("backbone.")}
+    assert seen["g_prime_start"].keys() == g_backbone.keys()
+    assert all(torch.equal(seen["g_prime_start"][k], g_backbone[k]) for k in g_backbone)     # g' starts as g
+    after = state(g_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)                              # g untouched (and BN stats)
+    assert seen["g_prime"] is not g_model.backbone and model.backbone is seen["g_prime"]
+    changed = [k for k, v in state(seen["g_prime"]).items() if not torch.equal(v, g_backbone[k])]
+    assert changed, "g' should have been trained"
+    assert 0 <= head < args.num_heads and "neighbor_acc" in info
+
+
+def test_representation_step_skips_batches_where_nothing_survives(tiny_setup):
+    args, train, g_model = tiny_setup
+    model = profeat.ContrastiveModel(profeat.make_backbone(args, train.images.shape[1]))
+    model.load_state_dict(g_model.state_dict())
+    before = state(model)
+    clusters = torch.arange(len(train.images)).repeat(2, 1)  # every image its own cluster: no connection anywhere
+    groups_of = lambda idx: profeat.ensemble_groups(clusters[:, idx], t_e=2, t_c=1)
+    row = profeat.representation_step(args, 2, 7, model, train.images, train.mean, train.std, groups_of)
+    steps = len(train.images) // min(args.batch_size, len(train.images))
+    assert row["skipped_batches"] == steps and row["kept_images"] == 0 and row["positive_pairs"] == 0
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end (subprocess): smoke runs, resume, bad input
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def profeat_s_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("s") / "run")
+    proc = run(TINY + ["--out-dir", out])
+    return out, proc
+
+
+def test_smoke_profeat_s(profeat_s_run):
+    out, proc = profeat_s_run
+    rows = results(out)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["acc"] <= 1 and 0 <= r["nmi"] <= 1 and -1 <= r["ari"] <= 1
+    assert rows[0]["positive_pairs"] == 0                 # iteration 1 is SimCLR: no cross-image positives
+    assert rows[-1]["acc"] > 0.2                          # 10 balanced classes: chance is about 0.1
+    with open(os.path.join(out, "predictions.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "index,cluster,confidence,label" and len(lines) == 1 + 1000
+    assert all(0 <= float(line.split(",")[2]) <= 1 for line in lines[1:])   # confidences are probabilities
+    assert os.path.getsize(os.path.join(out, "prototypes.png")) > 0
+    with open(os.path.join(out, "log.jsonl")) as f:
+        stages = {json.loads(line)["stage"] for line in f}
+    assert {"it001_m0_representation", "it002_m0_representation", "it002_m0_scan", "it002_m0_finetune", "iteration"} <= stages
+
+
+def test_smoke_profeat_e_two_members(tmp_path):
+    out = str(tmp_path / "run")
+    run(TINY + ["--ensemble", "2", "--out-dir", out])
+    rows = results(out)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert len(rows[-1]["member_acc"]) == 2 and rows[-1]["kept_member"] in (0, 1)
+    assert os.path.exists(os.path.join(out, "it002_m1_finetune.pt"))
+    assert rows[-1]["kept_images"] >= 0 and rows[-1]["acc"] > 0.2
+
+
+def test_resume_between_iterations_gives_the_same_run(profeat_s_run, tmp_path):
+    out, _ = profeat_s_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(out, resumed)
+    for f in os.listdir(resumed):                          # as if killed after iteration 1's representation step... of 2
+        if f.startswith("it002_m0_scan") or f.startswith("it002_m0_finetune") or f in ("results.json", "predictions.csv"):
+            os.remove(os.path.join(resumed, f))
+    with open(os.path.join(resumed, "log.jsonl")) as f:
+        n_before = len(f.readlines())
+    run(TINY + ["--out-dir", resumed])
+    a, b = results(out), results(resumed)
+    for ra, rb in zip(a, b):
+        for k in ["acc", "nmi", "ari", "kept_images", "positive_pairs", "head", "train_confident"]:
+            assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
+    with open(os.path.join(resumed, "log.jsonl")) as f:
+        new = [json.loads(line)["stage"] for line in f.readlines()[n_before:]]
+    assert not any(s.startswith("it001") or s == "it002_m0_representation" for s in new), new  # not redone
+    assert "it002_m0_scan" in new
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--dataset", "no-such-set"], "Unknown dataset"),
+    (["--num-clusters", "1"], "--num-clusters"),
+    (["--num-clusters", "400"], "more than"),
+    (["--ensemble", "2", "--t-e", "3"], "--t-e"),
+    (["--ensemble", "0"], "--ensemble"),
+    (["--t-s", "1.5"], "--t-s"),
+    (["--num-neighbors", "300"], "--num-neighbors"),
+])
+def test_bad_arguments_exit_2(tmp_path, extra, words):
+    args = TINY + ["--out-dir", str(tmp_path / "run")]
+    if "--dataset" in extra:
+        args = args[2:]
+    proc = run(args + extra, check=False)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_corrupted_or_foreign_checkpoint_exit_2_and_kept(profeat_s_run, tmp_path):
+    out, _ = profeat_s_run
+    bad = str(tmp_path / "bad")
+    shutil.copytree(out, bad)
+    path = os.path.join(bad, "it002_m0_scan.pt")
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    proc = run(TINY + ["--out-dir", bad], check=False)
+    assert proc.returncode == 2 and "it002_m0_scan.pt" in proc.stderr and "Traceback" not in proc.stderr
+    with open(path, "rb") as f:
+        assert f.read() == b"not a checkpoint"            # nothing overwritten
+    before = os.path.getmtime(os.path.join(out, "results.json"))
+    proc = run(TINY + ["--out-dir", out, "--t-s", "0.7"], check=False)   # another configuration
+    assert proc.returncode == 2 and "another configuration" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.path.getmtime(os.path.join(out, "results.json")) == before
