@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="alexnet", choices=["alexnet", "small", "resnet18"],
                    help="alexnet: AlexNet-style CNN with BatchNorm for 32-96 px; small: a narrow version for CPU; resnet18")
     p.add_argument("--no-sobel", action="store_true", help="feed RGB instead of the Sobel gradients (Sec. 3.3)")
-    p.add_argument("--epochs", type=int, default=200, help="cluster/train rounds")
+    p.add_argument("--epochs", type=int, default=200, help="cluster/train rounds (0: evaluate the random CNN)")
     p.add_argument("--epoch-images", type=int, default=None, help="cluster and train on a random subset of this many "
                    "images each epoch (Algorithm 2; default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="mini-batch size")
@@ -83,7 +83,9 @@ def parse_args(argv=None):
         args.arch, args.epochs = "small", min(args.epochs, 3)
     args.out_dir = args.out_dir or os.path.join("runs", f"deepcluster-{args.dataset.replace(':', '_').replace('/', '_')}"
                                                 f"-{args.clustering}")
-    for name in ("epochs", "batch_size", "kmeans_iters", "pca_dim", "pic_neighbors", "pic_iters", "monitor_k"):
+    if args.epochs < 0:
+        raise UsageError(f"--epochs must be at least 0 (0 evaluates the randomly initialised CNN), got {args.epochs}.")
+    for name in ("batch_size", "kmeans_iters", "pca_dim", "pic_neighbors", "pic_iters", "monitor_k"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
     if not (0 < args.min_crop <= 1 and args.pic_sigma > 0 and 0 < args.pic_alpha < 1 and args.lr > 0):
@@ -364,14 +366,18 @@ def pseudo_label_loss(logits, targets):
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def extract_features(model, images, mean, std, batch=512):
-    """Descriptors of all images (no augmentation, eval mode). images uint8 [N, C, H, W] -> float [N, hidden]."""
+def extract_features(model, images, mean, std, batch=512, conv=False):
+    """Descriptors of all images (no augmentation, eval mode): images uint8 [N, C, H, W] -> float [N, hidden],
+    or with conv=True the flattened output of the convolutional body (what transfer evaluations probe)."""
     model.eval()
     out = []
     for s in range(0, len(images), batch):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
             x = to_input(images[s:s + batch], mean, std).contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float())
+            if conv:
+                out.append(model.body(sobel(x) if model.use_sobel else x).flatten(1).float())
+            else:
+                out.append(model(x).float())
     return torch.cat(out)
 
 
@@ -468,25 +474,30 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def final_evaluation(args, model, ds, images, mean, std, num_classes, device):
-    """k-means with k = number of classes on the final features of the split (L2-normalised, not whitened: whitening
-    to 256 dims gives noise directions the same weight as the few class directions, which suits DeepCluster's
-    10x-overclustering of the training set but hurts a k = #classes clustering), 10 restarts, the lowest inertia
-    kept (no labels used). Writes predictions.csv and prototypes.png."""
-    desc = F.normalize(extract_features(model, images, mean, std), dim=1)  # [N, hidden]
-    best = None
-    for r in range(10):
-        labels, centroids, inertia, _ = kmeans(desc, num_classes, args.kmeans_iters, seed=10_000 + r)
-        if best is None or inertia[-1] < best[2]:
-            best = (labels, centroids, inertia[-1])
-    labels, centroids, _ = best
-    d2 = torch.cdist(desc, centroids).pow(2)  # [N, C]; desc are unit vectors so d2 lies in [0, ~4]
+def kmeans_evaluation(desc, target, num_classes, restarts=10, iters=20):
+    """k-means with k = number of classes on L2-normalised features, the lowest inertia of `restarts` runs (no
+    labels used). Returns (labels [N], confidence probs [N, C], metrics dict)."""
+    desc = F.normalize(desc, dim=1)
+    best = min((kmeans(desc, num_classes, iters, seed=10_000 + r) for r in range(restarts)), key=lambda r: r[2][-1])
+    labels, centroids = best[0], best[1]
+    d2 = torch.cdist(desc, centroids).pow(2)  # [N, C]; unit vectors, so d2 lies in [0, ~4]
     probs = F.softmax(-d2 / 0.1, dim=1)  # confidence: softmax over negative squared distances (temperature 0.1)
-    result = evaluate(labels.cpu(), ds.labels, probs.cpu()) if len(ds.classes) else {"K": int(labels.unique().numel())}
+    result = evaluate(labels.cpu(), target, probs.cpu()) if (target >= 0).any() else {}
     result["nonempty"] = int(labels.unique().numel())
-    if (ds.labels >= 0).any():
+    if (target >= 0).any():
         _, nn_idx = knn(desc, k=10, metric="l2")
-        result["ratio_edge_intra_class"] = ratio_edge_intra_class(nn_idx.cpu(), ds.labels)
+        result["ratio_edge_intra_class"] = ratio_edge_intra_class(nn_idx.cpu(), target)
+    return labels, probs, result
+
+
+def final_evaluation(args, model, ds, images, mean, std, num_classes):
+    """Cluster the evaluation split into k = number of classes with k-means on (1) the final descriptors (the
+    representation DeepCluster clusters; L2-normalised but not whitened: whitening to 256 dims gives noise
+    directions the weight of the few class directions, which suits the 10x-overclustering of training but hurts a
+    k = #classes clustering) and (2) the conv features. Rows for results.json; predictions.csv and prototypes.png
+    come from (1)."""
+    labels, probs, head = kmeans_evaluation(extract_features(model, images, mean, std), ds.labels, num_classes)
+    _, _, conv = kmeans_evaluation(extract_features(model, images, mean, std, conv=True), ds.labels, num_classes)
     conf = probs.max(1).values.cpu()
     rows = ["index,cluster,confidence,label"] + [f"{i},{int(c)},{float(p):.4f},{int(y) if y >= 0 else ''}"
                                                  for i, (c, p, y) in enumerate(zip(labels.cpu(), conf, ds.labels))]
@@ -500,7 +511,7 @@ def final_evaluation(args, model, ds, images, mean, std, num_classes, device):
     tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
     torchvision.utils.save_image(torch.cat(protos), tmp, nrow=8, padding=1)
     os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
-    return result
+    return [dict(features="descriptors", **head), dict(features="conv", **conv)]
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -532,8 +543,9 @@ def run(args):
     if args.num_clusters < 2 or args.num_clusters > epoch_n:
         raise UsageError(f"--num-clusters must be between 2 and the number of images clustered per epoch ({epoch_n}); "
                          f"got {args.num_clusters}.")
-    if args.clustering == "pic" and args.pic_neighbors >= epoch_n:
-        raise UsageError(f"--pic-neighbors {args.pic_neighbors} needs more images than that ({epoch_n} clustered).")
+    if epoch_n <= max(10, args.pic_neighbors) or len(test.images) <= 10:
+        raise UsageError(f"Too few images: {epoch_n} clustered per epoch and {len(test.images)} in the evaluation "
+                         f"split; the k-NN graphs need more than {max(10, args.pic_neighbors)}.")
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
 
@@ -590,11 +602,12 @@ def run(args):
                                                         for k, v in rec.items() if k != "epoch"), flush=True)
         prev_labels = full.cpu()
 
-    result = final_evaluation(args, forward, test, test_images, mean, std, max(num_classes, 2), device)
-    result.update(stage="deepcluster", clustering=args.clustering, split=args.eval_split, epochs=args.epochs)
-    atomic_write(os.path.join(args.out_dir, "results.json"), json.dumps([result], indent=2) + "\n")
-    print("final " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    return result
+    results = final_evaluation(args, forward, test, test_images, mean, std, max(num_classes, 2))
+    for r in results:
+        r.update(stage="deepcluster", clustering=args.clustering, split=args.eval_split, epochs=args.epochs)
+        print("final " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    atomic_write(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def _subset(ds, size, gen):

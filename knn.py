@@ -45,7 +45,7 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
     if not 1 <= k <= available:
         raise ValueError(f"knn: k={k} but only {available} candidate neighbours exist "
                          f"({keys.shape[0]} keys{', self excluded' if excluding else ''}); choose 1 <= k <= {available}.")
-    queries, keys = queries.float(), keys.float()  # fp32 accumulation even for half inputs
+    queries, keys = queries.detach().float(), keys.detach().float()  # fp32 accumulation even for half inputs
     for name, x in (("queries", queries), ("keys", keys)):
         if not torch.isfinite(x).all():
             raise ValueError(f"knn: {name} contain NaN or infinite values.")
@@ -63,10 +63,13 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
 
     if chunk_size is None:
         chunk_size = max(1, min(4096, memory_mb * 2**20 // (4 * padded)))
+    chunk_size = min(chunk_size, queries.shape[0])
+    # One buffer for every block: a fresh 256 MB allocation per block would cost page faults and zeroing each time.
+    buffer = torch.empty(chunk_size, padded, device=device)
     all_scores, all_indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
         rows = queries[start:start + chunk_size]                            # [R, D]
-        block = rows @ keys.T                                               # [R, M_padded]
+        block = torch.mm(rows, keys.T, out=buffer[:rows.shape[0]])          # [R, M_padded]
         if metric == "l2":
             block[:, :num_keys].mul_(2).sub_(key_sq_norms)
         block[:, num_keys:] = float("-inf")

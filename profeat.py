@@ -21,7 +21,6 @@ Usage: python profeat.py --dataset cifar10 --device cuda                 (ProFea
 """
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -175,10 +174,6 @@ def adjust_saturation(x, f):  # a colour op: identity on 1-channel images
     return x if x.shape[1] == 1 else blend(x, grayscale(x), f)
 
 
-def gray_weights(C, device):  # luma weights w [C]: grayscale(x) = w . x
-    return torch.tensor([0.299, 0.587, 0.114] if C == 3 else [1.0] * C, device=device) / (1.0 if C == 3 else C)
-
-
 def hue_matrix(shift):
     """[B, 3, 3] RGB matrices rotating the chroma (I, Q) plane of YIQ by shift [B] turns; luma is kept. The linear hue
     rotation of NVIDIA DALI; it approximates torchvision's RGB -> HSV -> RGB hue shift without the round trip."""
@@ -198,7 +193,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     u = torch.rand(B, 4, device=dev) * 2 - 1                                   # in [-1, 1]; 0 = identity
     u[torch.rand(B, device=dev) >= p] = 0.0
     b, c, s = 1 + brightness * u[:, 0], 1 + contrast * u[:, 1], 1 + saturation * u[:, 2]
-    w = gray_weights(C, dev)                                                   # [C]
+    w = torch.tensor([0.299, 0.587, 0.114] if C == 3 else [1.0], device=dev)  # luma weights [C]
     eye = torch.eye(C, device=dev).expand(B, C, C)
     sat = _v(s)[:, :, :, 0] * eye + (1 - _v(s)[:, :, :, 0]) * w.view(1, 1, C)  # blend with grayscale: [B, C, C]
     hue_m = hue_matrix(hue * u[:, 3]) if C == 3 else eye
@@ -275,8 +270,37 @@ def sharpness(x, f):
     return blend(x, smooth, f)
 
 
-def rotate(x, degrees):  # kept for readers and tests; strong_augment builds the same matrix in affine_matrix
-    return affine(x, affine_matrix(torch.zeros_like(degrees, dtype=torch.long), (degrees + 30) / 60))
+def affine_matrix(op, u):
+    """2x3 matrices [B, 3] of the geometric strong ops: 0 rotate +-30 deg, 1/2 shear x/y +-0.1 (PIL's ShearX/Y on square
+    images), 3/4 translate x/y +-10% of the side; magnitude u [B] in [0, 1], 0.5 = identity."""
+    B = len(u)
+    theta = torch.zeros(B, 2, 3, device=u.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    angle = (60 * u - 30) * math.pi / 180
+    rot = op == 0
+    theta[rot, 0, 0], theta[rot, 0, 1] = torch.cos(angle[rot]), -torch.sin(angle[rot])
+    theta[rot, 1, 0], theta[rot, 1, 1] = torch.sin(angle[rot]), torch.cos(angle[rot])
+    theta[op == 1, 0, 1] = (0.2 * u - 0.1)[op == 1]
+    theta[op == 2, 1, 0] = (0.2 * u - 0.1)[op == 2]
+    theta[op == 3, 0, 2] = 2 * (0.2 * u - 0.1)[op == 3]                        # [-1, 1] coordinates: side = 2
+    theta[op == 4, 1, 2] = 2 * (0.2 * u - 0.1)[op == 4]
+    return theta
+
+
+PIXEL_OPS = [
+    lambda x, u: x,                                                            # identity
+    lambda x, u: autocontrast(x),
+    lambda x, u: equalize(x),
+    lambda x, u: solarize(x, u * 256 / 255),                                   # threshold 0..256 of 255
+    lambda x, u: adjust_saturation(x, 0.05 + 0.9 * u),                         # "color", factor 0.05..0.95
+    lambda x, u: adjust_contrast(x, 0.05 + 0.9 * u),
+    lambda x, u: adjust_brightness(x, 0.05 + 0.9 * u),
+    lambda x, u: sharpness(x, 0.05 + 0.9 * u),
+    lambda x, u: posterize(x, torch.floor(4 + 5 * u).clamp(max=8)),            # 4..8 bits
+]
+
+
+NUM_STRONG_OPS = len(PIXEL_OPS) + 5
 
 
 def apply_chosen_op(x, choice, magnitude, ops):
@@ -511,16 +535,30 @@ def keep_member(train_preds):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Training stages (helpers copied from scan.py; each stage resumes from its per-epoch checkpoint)
 # ----------------------------------------------------------------------------------------------------------------
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def write_outputs(args, model, head, test, rows):
+    """predictions.csv, prototypes.png and results.json for the final model on the test split."""
+    from torchvision.utils import save_image
+    model.eval()
+    probs = predict(model, test.images, test.mean, test.std)[head].softmax(1)  # [N, C]
+    conf, cluster = probs.max(1)
+    lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
+                                                  enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
+    atomic_save("\n".join(lines) + "\n", os.path.join(args.out_dir, "predictions.csv"))
+    per_row = 8
+    tiles = torch.zeros(args.num_clusters * per_row, *test.images.shape[1:])
+    for c in range(args.num_clusters):                                         # most confident images of each cluster
+        members = (cluster == c).nonzero().squeeze(1)
+        top = members[conf[members].argsort(descending=True)[:per_row]]
+        tiles[c * per_row: c * per_row + len(top)] = test.images[top].float().cpu() / 255
+    tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
+    save_image(tiles, tmp, nrow=per_row, padding=1)
+    os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
+    write_results(args, rows)
 
 
-def atomic_write(text, path):
+def atomic_save(obj, path):  # temporary file, then rename: a kill never leaves a half-written file
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    torch.save(obj, tmp) if not isinstance(obj, str) else open(tmp, "w").write(obj)
     os.replace(tmp, path)
 
 
@@ -551,13 +589,9 @@ def autocast(args):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
 
 
-def maybe_compile(model, args):
-    return torch.compile(model) if args.compile else model
-
-
-def to_device(model, args):
-    model = model.to(args.device)
-    return model.to(memory_format=torch.channels_last) if args.device == "cuda" else model
+def to_device(model, args):  # returns (model, the callable used for training: compiled when --compile)
+    model = model.to(args.device, memory_format=torch.channels_last if args.device == "cuda" else torch.preserve_format)
+    return model, (torch.compile(model) if args.compile else model)
 
 
 def prep(x, args):
@@ -565,17 +599,12 @@ def prep(x, args):
 
 
 def pick_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ProFeatError("--device cuda was requested but no CUDA device is available; use --device auto or cpu.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ProFeatError("--device mps was requested but MPS is not available; use --device auto or cpu.")
+        return next(d for d in ["cuda", "mps", "cpu"] if available[d])
+    if not available[name]:
+        raise ProFeatError(f"--device {name} was requested but is not available here; use --device auto or cpu.")
     return name
-
-
-def replace(ds, **fields):  # data.Dataset with some fields swapped (NamedTuple or dataclass)
-    return ds._replace(**fields) if hasattr(ds, "_replace") else dataclasses.replace(ds, **fields)
 
 
 @torch.no_grad()
@@ -624,7 +653,7 @@ def load_checkpoint(args, path):
 
 
 def run_stage(args, name, model, opt, epochs, steps, one_epoch, lr_at=None):
-    """Train `epochs` epochs of one stage (one_epoch(epoch, prog) -> dict of stats), with an atomic checkpoint after
+    """Train `epochs` epochs of one stage (one_epoch(epoch, prog, path) -> dict of stats), with an atomic checkpoint after
     every epoch in out_dir/name.pt; a complete checkpoint is loaded instead, a partial one resumed. Returns the last row."""
     path = os.path.join(args.out_dir, name + ".pt")
     ckpt, start, row = load_checkpoint(args, path), 0, {}
@@ -668,8 +697,8 @@ def representation_step(args, it, e, model, images, mean, std, groups_of):
     # CHOICE: "0.4, gradually decreased to 0.0004 through iterations": one cosine schedule over every representation
     # epoch of the run. Each iteration gets a fresh SGD (momentum reset): a fine-tuning run of its own.
     lr_at = lambda ep: args.lr_min + (args.lr - args.lr_min) * (1 + math.cos(math.pi * (offset + ep) / total)) / 2
+    model, fmodel = to_device(model, args)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    fmodel = maybe_compile(model, args)
     N, B = len(images), min(args.batch_size, len(images))
     steps = N // B
 
@@ -709,9 +738,8 @@ def clustering_step(args, it, e, g_model, train):
     # g' starts as g (deep copy: g's weights are never touched). CHOICE: h starts afresh every iteration (the first
     # iteration is then exactly SCAN, as the ablation says); the text does not say whether h carries over.
     torch.manual_seed(args.seed * 100003 + 1000 * it + e)                     # the heads' init, same when resumed
-    model = to_device(ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads), args)
+    model, fmodel = to_device(ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads), args)
     opt = torch.optim.Adam(model.parameters(), lr=args.scan_lr, weight_decay=args.weight_decay)
-    fmodel = maybe_compile(model, args)
     N, B = len(train.images), min(args.scan_batch_size, len(train.images))
     steps = N // B
 
@@ -740,9 +768,8 @@ def clustering_step(args, it, e, g_model, train):
     if not args.finetune or args.finetune_epochs == 0:
         return model, head, info
     # Self-labelling (SCAN's): CHOICE: g' and h are both fine-tuned, as SCAN's self-labelling does (the text says "h").
-    model = single_head(model, head)
+    model, fmodel = to_device(single_head(model, head), args)
     opt = torch.optim.Adam(model.parameters(), lr=args.finetune_lr, weight_decay=args.weight_decay)
-    fmodel = maybe_compile(model, args)
     B = min(args.finetune_batch_size, N)
     steps = N // B
 
@@ -770,31 +797,10 @@ def clustering_step(args, it, e, g_model, train):
     return model, 0, info
 
 
-def write_outputs(args, model, head, test, rows):
-    """predictions.csv, prototypes.png and results.json for the kept model on the test split (as scan.py)."""
-    from torchvision.utils import save_image
-    model.eval()
-    probs = predict(model, test.images, test.mean, test.std)[head].softmax(1)  # [N, K]
-    conf, cluster = probs.max(1)
-    lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
-                                                  enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
-    atomic_write("\n".join(lines) + "\n", os.path.join(args.out_dir, "predictions.csv"))
-    per_row = 8
-    tiles = torch.zeros(args.num_clusters * per_row, *test.images.shape[1:])
-    for c in range(args.num_clusters):                                         # most confident images of each cluster
-        members = (cluster == c).nonzero().squeeze(1)
-        top = members[conf[members].argsort(descending=True)[:per_row]]
-        tiles[c * per_row: c * per_row + len(top)] = test.images[top].float().cpu() / 255
-    tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
-    save_image(tiles, tmp, nrow=per_row, padding=1)
-    os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
-    write_results(args, rows)
-
-
 def write_results(args, rows):
     res = {"dataset": args.dataset, "method": "ProFeat_s" if args.ensemble == 1 else f"ProFeat_e (E={args.ensemble})",
            "arch": args.arch, "rows": rows, "args": vars(args)}
-    atomic_write(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
+    atomic_save(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -808,11 +814,11 @@ def load_data(args):
         if args.subset < 2:
             raise ProFeatError(f"--subset {args.subset} is too small; give at least 2 images.")
         keep = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[: args.subset]
-        train = replace(train, images=train.images[keep], labels=train.labels[keep])
+        train = train._replace(images=train.images[keep], labels=train.labels[keep])
     pretext = train
     if args.pretext_split not in (None, args.train_split):
         pretext = data.load_dataset(args.dataset, root=args.data_root, split=args.pretext_split, image_size=args.image_size)
-    return (replace(d, images=d.images.to(args.device), labels=d.labels.to(args.device)) for d in (pretext, train, test))
+    return (d._replace(images=d.images.to(args.device), labels=d.labels.to(args.device)) for d in (pretext, train, test))
 
 
 def check_args(args, N=None):
@@ -821,7 +827,9 @@ def check_args(args, N=None):
     problems = [(E < 1, f"--ensemble must be at least 1 (got {E})"),
                 (not 1 <= args.t_e <= max(E, 1), f"--t-e must be in 1..E={E} (got {args.t_e})"),
                 (args.t_c is not None and args.t_c < 1, f"--t-c must be at least 1 (got {args.t_c})"),
-                (not 0 < args.t_s <= 1 or not 0 < args.t_f < 1, "--t-s must be in (0, 1] and --t-f in (0, 1)")]
+                (not 0 < args.t_s <= 1 or not 0 < args.t_f < 1, "--t-s must be in (0, 1] and --t-f in (0, 1)"),
+                (args.temperature <= 0 or (args.threads is not None and args.threads < 1),
+                 "--temperature and --threads must be positive")]
     for k in ["iterations", "num_heads", "pretext_epochs", "batch_size", "scan_epochs", "scan_batch_size", "finetune_batch_size"]:
         problems.append((getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})"))
     for k in ["refine_epochs", "finetune_epochs"]:
@@ -841,11 +849,11 @@ def check_args(args, N=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         args.device = pick_device(args.device)
         torch.set_num_threads(args.threads or torch.get_num_threads())
         if args.device == "cuda":
             torch.backends.cudnn.benchmark = True
-        check_args(args)
         torch.manual_seed(args.seed)
         pretext, train, test = load_data(args)
         args.num_clusters = args.num_clusters or len(train.classes)
@@ -863,7 +871,7 @@ def main(argv=None):
               f"device {args.device} K {args.num_clusters} iterations {args.iterations} out {args.out_dir}", flush=True)
         t_start = time.time()
         # Members differ by their random initialisation (drawn here, in order, from the seed).
-        g_models = [to_device(ContrastiveModel(make_backbone(args, in_ch)), args) for _ in range(E)]
+        g_models = [to_device(ContrastiveModel(make_backbone(args, in_ch)), args)[0] for _ in range(E)]
         train_probs, rows = None, []                                            # [E, N, K] of the previous iteration
         for it in range(1, args.iterations + 1):
             if it == 1:  # all images in different clusters: each image is its own group (SimCLR)

@@ -15,7 +15,6 @@ Usage: python scan.py --dataset cifar10 --device cuda          (paper settings)
        python scan.py --dataset synthetic --quick              (whole pipeline in seconds on a CPU)
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -86,7 +85,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (opt-in)")
     a("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     a("--seed", type=int, default=0, help="random seed (same seed + device = same result)")
-    a("--quick", action="store_true", help="small CNN, 2000-image subset, few epochs: a smoke run in seconds")
+    a("--quick", action="store_true", help="small CNN (width 16), 1000-image subset, 5+4+2 epochs: a smoke run in well under a minute")
     a("--restart", action="store_true", help="recompute every stage, ignoring what --out-dir holds")
     a("--log-every", type=float, default=5.0, help="seconds between progress lines")
     args = p.parse_args(argv)
@@ -162,10 +161,6 @@ def adjust_saturation(x, f):  # a colour op: identity on 1-channel images
     return x if x.shape[1] == 1 else blend(x, grayscale(x), f)
 
 
-def gray_weights(C, device):  # luma weights w [C]: grayscale(x) = w . x
-    return torch.tensor([0.299, 0.587, 0.114] if C == 3 else [1.0] * C, device=device) / (1.0 if C == 3 else C)
-
-
 def hue_matrix(shift):
     """[B, 3, 3] RGB matrices rotating the chroma (I, Q) plane of YIQ by shift [B] turns; luma is kept. The linear hue
     rotation of NVIDIA DALI; it approximates torchvision's RGB -> HSV -> RGB hue shift without the round trip."""
@@ -176,16 +171,17 @@ def hue_matrix(shift):
     return torch.linalg.inv(yiq) @ rot @ yiq
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, grayscale_p=0.0):
     """ColorJitter as torchvision draws it (factors in [1-s, 1+s], hue in [-hue, hue], a random order of the four ops,
     all per image), applied with probability p. Each op is affine in RGB, so per image they compose into one matrix A
     [C, C] and offset t [C] (y = A x + t), applied in one pass: one clamp at the end instead of one per op, and the hue
-    is a YIQ rotation (hue_matrix). On 1-channel images saturation and hue are the identity by construction."""
+    is a YIQ rotation (hue_matrix). RandomGrayscale(grayscale_p), which follows the jitter in SimCLR, is linear too and
+    is folded into the same matrix. On 1-channel images saturation, hue and grayscale are the identity by construction."""
     B, C, dev = x.shape[0], x.shape[1], x.device
     u = torch.rand(B, 4, device=dev) * 2 - 1                                   # in [-1, 1]; 0 = identity
     u[torch.rand(B, device=dev) >= p] = 0.0
     b, c, s = 1 + brightness * u[:, 0], 1 + contrast * u[:, 1], 1 + saturation * u[:, 2]
-    w = gray_weights(C, dev)                                                   # [C]
+    w = torch.tensor([0.299, 0.587, 0.114] if C == 3 else [1.0], device=dev)  # luma weights [C]
     eye = torch.eye(C, device=dev).expand(B, C, C)
     sat = _v(s)[:, :, :, 0] * eye + (1 - _v(s)[:, :, :, 0]) * w.view(1, 1, C)  # blend with grayscale: [B, C, C]
     hue_m = hue_matrix(hue * u[:, 3]) if C == 3 else eye
@@ -201,28 +197,23 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
         op = order[:, step]
         A = torch.stack([m for m, _ in candidates])[op, torch.arange(B)]       # [B, C, C]
         t = torch.stack([v for _, v in candidates])[op, torch.arange(B)]       # [B, C]
+    gray = (torch.rand(B, device=dev) < grayscale_p).view(B, 1, 1)             # every channel := luma
+    to_gray = w.view(1, 1, C).expand(1, C, C)                                  # [1, C, C], rows = w
+    A, t = torch.where(gray, to_gray @ A, A), torch.where(gray[:, :, 0], (to_gray @ t.unsqueeze(2)).squeeze(2), t)
     y = t.view(B, C, 1, 1).expand_as(x).clone()                                # y = A x + t, one column at a time
     for j in range(C):
         y.addcmul_(A[:, :, j].view(B, C, 1, 1), x[:, j:j + 1])
     return y.clamp_(0, 1)
 
 
-def random_grayscale(x, p=0.2):
-    if x.shape[1] == 1:
-        return x
-    return torch.where(_v(torch.rand(x.shape[0], device=x.device) < p), grayscale(x).expand_as(x), x)
-
-
 def normalize(x, mean, std):
-    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub(torch.tensor(mean, device=x.device).view(1, -1, 1, 1)).div_(torch.tensor(std, device=x.device).view(1, -1, 1, 1))
 
 
 def simclr_augment(images, mean, std):
     """SimCLR's augmentation of a uint8 batch [B, C, H, W] -> normalised float. Colour ops skip 1-channel images."""
-    x = images.float() / 255
-    x = random_resized_crop_flip(x, scale=(0.2, 1.0))
-    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
-    x = random_grayscale(x, p=0.2)
+    x = random_resized_crop_flip(images.float().div_(255), scale=(0.2, 1.0))
+    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, grayscale_p=0.2)            # + RandomGrayscale(0.2)
     return normalize(x, mean, std)
 
 
@@ -278,10 +269,6 @@ def affine_matrix(op, u):
     theta[op == 3, 0, 2] = 2 * (0.2 * u - 0.1)[op == 3]                        # [-1, 1] coordinates: side = 2
     theta[op == 4, 1, 2] = 2 * (0.2 * u - 0.1)[op == 4]
     return theta
-
-
-def rotate(x, degrees):  # kept for readers and tests; strong_augment builds the same matrix in affine_matrix
-    return affine(x, affine_matrix(torch.zeros_like(degrees, dtype=torch.long), (degrees + 30) / 60))
 
 
 # The 14 ops of SCAN's "strong" augmentation (SCAN's augment.py). Pixel ops map a magnitude u in [0, 1] to their range;
@@ -549,16 +536,9 @@ def evaluate_clusters(probs, labels, classes, title):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Training stages (each one: resume from its checkpoint, train epochs, save atomically, evaluate)
 # ----------------------------------------------------------------------------------------------------------------
-def atomic_save(obj, path):
+def atomic_save(obj, path):  # temporary file, then rename: a kill never leaves a half-written file
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write(text, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    torch.save(obj, tmp) if not isinstance(obj, str) else open(tmp, "w").write(obj)
     os.replace(tmp, path)
 
 
@@ -602,6 +582,25 @@ def load_stage(args, stage):
     return ckpt
 
 
+def resume(args, stage, model, opt):
+    """Load the stage's checkpoint into model (and opt when unfinished); returns (ckpt or None, first epoch to run)."""
+    ckpt = load_stage(args, stage)
+    if ckpt is None:
+        return None, 0
+    model.load_state_dict(ckpt["model"])
+    if not ckpt["complete"]:
+        opt.load_state_dict(ckpt["optimizer"])
+        print(f"[{stage}] resuming after epoch {ckpt['epoch']}")
+    return ckpt, ckpt["epoch"]
+
+
+def save_epoch(args, stage, model, opt, epoch, epochs, **extra):
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "complete": epoch == epochs,
+            "config": stage_config(args, stage), "args": vars(args), **extra}
+    atomic_save(ckpt, os.path.join(args.out_dir, stage + ".pt"))
+    return ckpt
+
+
 class Progress:
     """Prints 'stage epoch step loss images/s ETA' every few seconds."""
     def __init__(self, stage, total_steps, every):
@@ -635,13 +634,9 @@ def autocast(args):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
 
 
-def maybe_compile(model, args):
-    return torch.compile(model) if args.compile else model
-
-
-def to_device(model, args):
-    model = model.to(args.device)
-    return model.to(memory_format=torch.channels_last) if args.device == "cuda" else model
+def to_device(model, args):  # returns (model, the callable used for training: compiled when --compile)
+    model = model.to(args.device, memory_format=torch.channels_last if args.device == "cuda" else torch.preserve_format)
+    return model, (torch.compile(model) if args.compile else model)
 
 
 def prep(x, args):
@@ -649,17 +644,11 @@ def prep(x, args):
 
 
 def run_pretext(args, train, test, in_ch):
-    model = to_device(ContrastiveModel(make_backbone(args, in_ch)), args)
+    model, fmodel = to_device(ContrastiveModel(make_backbone(args, in_ch)), args)
     opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.pretext_wd)
-    ckpt, start = load_stage(args, "pretext"), 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ckpt["complete"]:
-            return model, ckpt
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["epoch"]
-        print(f"[pretext] resuming after epoch {start}")
-    fmodel = maybe_compile(model, args)
+    ckpt, start = resume(args, "pretext", model, opt)
+    if ckpt is not None and ckpt["complete"]:
+        return model, ckpt
     N, B = len(train.images), min(args.pretext_batch_size, len(train.images))
     steps = N // B
     monitor_every = args.monitor_every or max(1, args.pretext_epochs // 10)
@@ -688,21 +677,13 @@ def run_pretext(args, train, test, in_ch):
         row = {"stage": "pretext", "epoch": epoch + 1, "loss": total / steps, "lr": lr, "seconds": time.time() - t0,
                "images_per_s": 2 * B * steps / (time.time() - t0)}
         if (epoch + 1) % monitor_every == 0 or epoch + 1 == args.pretext_epochs:
-            row["knn_acc"] = pretext_monitor(model, train, test)
+            if (train.labels >= 0).all() and (test.labels >= 0).all():
+                row["knn_acc"] = weighted_knn_acc(predict(model, train.images, train.mean, train.std), train.labels,
+                                                  predict(model, test.images, test.mean, test.std), test.labels)
         print(f"[pretext] epoch {epoch + 1}/{args.pretext_epochs} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
         log_jsonl(args.out_dir, row)
-        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                "complete": epoch + 1 == args.pretext_epochs, "config": stage_config(args, "pretext"), "args": vars(args)}
-        atomic_save(ckpt, os.path.join(args.out_dir, "pretext.pt"))
+        ckpt = save_epoch(args, "pretext", model, opt, epoch + 1, args.pretext_epochs)
     return model, ckpt
-
-
-def pretext_monitor(model, train, test):
-    if (train.labels < 0).all() or (test.labels < 0).all():
-        return float("nan")
-    model.eval()
-    tz, qz = predict(model, train.images, train.mean, train.std), predict(model, test.images, test.mean, test.std)
-    return weighted_knn_acc(tz, train.labels, qz, test.labels)
 
 
 def run_mine(args, model, train, test):
@@ -743,20 +724,13 @@ def head_losses(model, images, mean, std, neighbor_idx, args):
 
 
 def run_scan(args, pretext_model, mine, train, test):
-    model = ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads)  # backbone from the pretext
-    model = to_device(model, args)
+    model, fmodel = to_device(ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads), args)
     if args.update_head_only:                                                  # no backbone gradients at all
         model.backbone.requires_grad_(False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr, weight_decay=args.weight_decay)
-    ckpt, start = load_stage(args, "scan"), 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ckpt["complete"]:
-            return model, ckpt
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["epoch"]
-        print(f"[scan] resuming after epoch {start}")
-    fmodel = maybe_compile(model, args)
+    ckpt, start = resume(args, "scan", model, opt)
+    if ckpt is not None and ckpt["complete"]:
+        return model, ckpt
     neighbor_idx, train_z = mine["neighbor_idx"].to(args.device), mine["train_z"].to(args.device)
     N, B = len(train.images), min(args.scan_batch_size, len(train.images))
     steps = N // B
@@ -771,8 +745,7 @@ def run_scan(args, pretext_model, mine, train, test):
         for step in range(steps):
             anchor = perm[step * B:(step + 1) * B]                            # [B]
             neighbor = neighbor_idx[anchor, torch.randint(0, neighbor_idx.shape[1], (len(anchor),), device=args.device)]
-            x = torch.cat([strong_augment(train.images[anchor], train.mean, train.std),
-                           strong_augment(train.images[neighbor], train.mean, train.std)])
+            x = strong_augment(train.images[torch.cat([anchor, neighbor])], train.mean, train.std)  # [2B, C, H, W]
             with autocast(args):
                 logits = fmodel(prep(x, args))                                 # [H, 2B, C]
             if args.loss == "scan":
@@ -797,9 +770,7 @@ def run_scan(args, pretext_model, mine, train, test):
         print(f"[scan] epoch {epoch + 1}/{args.scan_epochs} loss {row['loss'][best]:.4f} eval_loss {hl[best]:.4f} "
               f"head {best} test_acc {row.get('test_acc', float('nan')):.4f} {row['images_per_s']:.0f} img/s", flush=True)
         log_jsonl(args.out_dir, row)
-        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_head": best,
-                "complete": epoch + 1 == args.scan_epochs, "config": stage_config(args, "scan"), "args": vars(args)}
-        atomic_save(ckpt, os.path.join(args.out_dir, "scan.pt"))
+        ckpt = save_epoch(args, "scan", model, opt, epoch + 1, args.scan_epochs, best_head=best)
     return model, ckpt
 
 
@@ -810,18 +781,12 @@ def single_head(model, head):  # keep only the selected head: the self-labelling
 
 
 def run_selflabel(args, scan_model, best_head, train, test):
-    model = single_head(scan_model, best_head)
+    model, fmodel = to_device(single_head(scan_model, best_head), args)
     model.requires_grad_(True)                                                 # self-labelling trains everything
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
-    ckpt, start = load_stage(args, "selflabel"), 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ckpt["complete"]:
-            return model, ckpt
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["epoch"]
-        print(f"[selflabel] resuming after epoch {start}")
-    fmodel = maybe_compile(model, args)
+    ckpt, start = resume(args, "selflabel", model, opt)
+    if ckpt is not None and ckpt["complete"]:
+        return model, ckpt
     N, B = len(train.images), min(args.selflabel_batch_size, len(train.images))
     steps = N // B
     prog = Progress("selflabel", steps * (args.selflabel_epochs - start), args.log_every)
@@ -853,9 +818,7 @@ def run_selflabel(args, scan_model, best_head, train, test):
         print(f"[selflabel] epoch {epoch + 1}/{args.selflabel_epochs} loss {row['loss']:.4f} confident {n_conf} "
               f"({row['confident_frac']:.3f}) {row['images_per_s']:.0f} img/s", flush=True)
         log_jsonl(args.out_dir, row)
-        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                "complete": epoch + 1 == args.selflabel_epochs, "config": stage_config(args, "selflabel"), "args": vars(args)}
-        atomic_save(ckpt, os.path.join(args.out_dir, "selflabel.pt"))
+        ckpt = save_epoch(args, "selflabel", model, opt, epoch + 1, args.selflabel_epochs)
     return model, ckpt
 
 
@@ -867,7 +830,7 @@ def write_outputs(args, model, head, test, rows):
     conf, cluster = probs.max(1)
     lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
                                                   enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
-    atomic_write("\n".join(lines) + "\n", os.path.join(args.out_dir, "predictions.csv"))
+    atomic_save("\n".join(lines) + "\n", os.path.join(args.out_dir, "predictions.csv"))
     per_row = 8
     tiles = torch.zeros(args.num_clusters * per_row, *test.images.shape[1:])
     for c in range(args.num_clusters):                                         # most confident images of each cluster
@@ -882,19 +845,18 @@ def write_outputs(args, model, head, test, rows):
 
 def write_results(args, rows):
     res = {"dataset": args.dataset, "loss": args.loss, "arch": args.arch, "rows": rows, "args": vars(args)}
-    atomic_write(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
+    atomic_save(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 7. main
 # ----------------------------------------------------------------------------------------------------------------
 def pick_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ScanError("--device cuda was requested but no CUDA device is available; use --device auto or cpu.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ScanError("--device mps was requested but MPS is not available; use --device auto or cpu.")
+        return next(d for d in ["cuda", "mps", "cpu"] if available[d])
+    if not available[name]:
+        raise ScanError(f"--device {name} was requested but is not available here; use --device auto or cpu.")
     return name
 
 
@@ -905,29 +867,22 @@ def load_data(args):
         if args.subset < 2:
             raise ScanError(f"--subset {args.subset} is too small; give at least 2 images.")
         keep = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[: args.subset]
-        train = replace(train, images=train.images[keep], labels=train.labels[keep])
-    return (replace(d, images=d.images.to(args.device), labels=d.labels.to(args.device)) for d in (train, test))
-
-
-def replace(ds, **fields):  # data.Dataset with some fields swapped (NamedTuple or dataclass)
-    return ds._replace(**fields) if hasattr(ds, "_replace") else dataclasses.replace(ds, **fields)
+        train = train._replace(images=train.images[keep], labels=train.labels[keep])
+    return (d._replace(images=d.images.to(args.device), labels=d.labels.to(args.device)) for d in (train, test))
 
 
 def check_args(args, train):
     N = len(train.images)
-    if args.num_clusters < 2:
-        raise ScanError(f"--num-clusters must be at least 2 (got {args.num_clusters}).")
-    if args.num_clusters > N:
-        raise ScanError(f"--num-clusters {args.num_clusters} is more than the {N} training images.")
-    if not 1 <= args.num_neighbors < N:
-        raise ScanError(f"--num-neighbors must be in 1..{N - 1} for {N} training images (got {args.num_neighbors}).")
-    if args.num_heads < 1:
-        raise ScanError(f"--num-heads must be at least 1 (got {args.num_heads}).")
-    for k in ["pretext_epochs", "scan_epochs", "pretext_batch_size", "scan_batch_size", "selflabel_batch_size"]:
-        if getattr(args, k) < 1:
-            raise ScanError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)}).")
-    if args.selflabel_epochs < 0 or not 0 < args.confidence_threshold < 1:
-        raise ScanError("--selflabel-epochs must be >= 0 and --confidence-threshold in (0, 1).")
+    for bad, message in [
+            (args.num_clusters < 2, f"--num-clusters must be at least 2 (got {args.num_clusters})."),
+            (args.num_clusters > N, f"--num-clusters {args.num_clusters} is more than the {N} training images."),
+            (not 1 <= args.num_neighbors < N, f"--num-neighbors must be in 1..{N - 1} for {N} training images (got {args.num_neighbors})."),
+            (min(args.num_heads, args.pretext_epochs, args.scan_epochs, args.pretext_batch_size, args.scan_batch_size,
+                 args.selflabel_batch_size) < 1, "--num-heads, epochs and batch sizes must be at least 1."),
+            (args.selflabel_epochs < 0 or not 0 < args.confidence_threshold < 1,
+             "--selflabel-epochs must be >= 0 and --confidence-threshold in (0, 1).")]:
+        if bad:
+            raise ScanError(message)
 
 
 def main(argv=None):

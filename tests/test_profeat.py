@@ -14,8 +14,9 @@ import torch.nn.functional as F
 import profeat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny run: --quick on 16x16 synthetic images, 300 of them (about 10-20 s on two CPU cores).
-TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--device", "cpu", "--threads", "2",
+# A tiny run: --quick on 16x16 synthetic images, 300 of them (a few seconds; one thread: on a busy machine more
+# threads are much slower, as OpenMP threads spin while waiting for a core).
+TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--device", "cpu", "--threads", "1",
         "--log-every", "1000"]
 
 
@@ -154,7 +155,7 @@ def test_refinement_loss_matches_eq1_values_and_gradients(kind):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     args = profeat.parse_args(TINY + ["--out-dir", str(tmp_path_factory.mktemp("unit"))])
     args.device = "cpu"
     pretext, train, test = profeat.load_data(args)
@@ -207,6 +208,17 @@ def test_representation_step_skips_batches_where_nothing_survives(tiny_setup):
     assert row["skipped_batches"] == steps and row["kept_images"] == 0 and row["positive_pairs"] == 0
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # and when pairs survive: two confident clusters (even / odd index), every image kept -> the model moves, and the
+    # count of cross-image positive pairs per batch is C(a, 2) + C(B - a, 2) for a batch of a evens
+    probs = F.one_hot(torch.arange(len(train.images)) % 2, 10).float()
+    groups_of = lambda idx: profeat.confident_groups(probs[idx], 0.99)
+    row = profeat.representation_step(args, 3, 7, model, train.images, train.mean, train.std, groups_of)
+    B = min(args.batch_size, len(train.images))
+    assert row["skipped_batches"] == 0 and row["kept_images"] == B
+    n = len(train.images)                         # a batch holds a evens, B - a odds, a in [B - n // 2, (n + 1) // 2]
+    possible = [a * (a - 1) // 2 + (B - a) * (B - a - 1) // 2 for a in range(max(0, B - n // 2), min(B, (n + 1) // 2) + 1)]
+    assert min(possible) <= row["positive_pairs"] <= max(possible)
+    assert any(not torch.equal(after[k], v) for k, v in state(model).items())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,13 +287,25 @@ def test_resume_between_iterations_gives_the_same_run(profeat_s_run, tmp_path):
     (["--ensemble", "0"], "--ensemble"),
     (["--t-s", "1.5"], "--t-s"),
     (["--num-neighbors", "300"], "--num-neighbors"),
+    (["--threads", "0"], "--threads"),
+    (["--subset", "1"], "--subset"),
 ])
-def test_bad_arguments_exit_2(tmp_path, extra, words):
+def test_bad_arguments_exit_2(tmp_path, capsys, extra, words):
     args = TINY + ["--out-dir", str(tmp_path / "run")]
     if "--dataset" in extra:
         args = args[2:]
-    proc = run(args + extra, check=False)
-    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as exc:       # in-process (fast); main() turns the error into exit status 2
+        profeat.main(args + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err and err.startswith("profeat.py: error:"), err
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+
+
+def test_bad_input_in_a_subprocess_exits_2_without_traceback(tmp_path):
+    os.makedirs(tmp_path / "empty")                # an image folder without images (never touches the network)
+    proc = run(["--dataset", f"imagefolder:{tmp_path / 'empty'}", "--out-dir", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 2 and str(tmp_path / "empty") in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1   # one paragraph
 
 
 def test_corrupted_or_foreign_checkpoint_exit_2_and_kept(profeat_s_run, tmp_path):

@@ -180,7 +180,7 @@ def test_augment_identity_at_zero_magnitude():
     assert torch.allclose(scan.color_jitter(x, 0, 0, 0, 0, p=1.0), x, atol=1e-6)
     half = torch.full((B,), 0.5)                                               # geometric ops: u = 0.5 is no motion
     warps = [scan.affine(x, scan.affine_matrix(torch.full((B,), k), half)) for k in range(5)]
-    for y in [*warps, scan.rotate(x, zero), scan.adjust_brightness(x, one),
+    for y in [*warps, scan.adjust_brightness(x, one),
               scan.adjust_contrast(x, one), scan.adjust_saturation(x, one), scan.sharpness(x, one),
               scan.posterize(x, 8 * one), scan.solarize(x, one + 1 / 255)]:
         assert torch.allclose(y, x, atol=1e-5)
@@ -197,7 +197,7 @@ def test_pixel_ops_match_pil():
     assert torch.allclose(scan.posterize(x, torch.full((6,), 5.0)), back([ImageOps.posterize(im, 5) for im in pil]), atol=1e-6)
     assert torch.allclose(scan.solarize(x, torch.full((6,), 100 / 255)), back([ImageOps.solarize(im, 100) for im in pil]), atol=1e-6)
     # a 90-degree rotation by grid_sample is exact on pixel centres (PIL rotates counter-clockwise)
-    rot = scan.rotate(x, torch.full((6,), 90.0))
+    rot = scan.affine(x, scan.affine_matrix(torch.zeros(6, dtype=torch.long), torch.full((6,), 2.0)))  # u=2: 90 deg
     assert torch.allclose(rot, back([im.rotate(90) for im in pil]), atol=1e-4)
 
 
@@ -210,7 +210,10 @@ def test_hue_keeps_luma_and_is_identity_on_grayscale():
     torch.manual_seed(0)
     out = scan.color_jitter(g, 0, 0, 0.4, 0.1, p=1.0)                           # only saturation and hue: no-ops
     assert torch.allclose(out, g, atol=1e-6)
-    assert torch.equal(scan.random_grayscale(g, p=1.0), g)
+    assert torch.allclose(scan.color_jitter(g, 0, 0, 0, 0, p=1.0, grayscale_p=1.0), g, atol=1e-6)
+    rgb = torch.rand(4, 3, 8, 8)
+    gray = scan.color_jitter(rgb, 0, 0, 0, 0, p=0.0, grayscale_p=1.0)           # folded RandomGrayscale
+    assert torch.allclose(gray, scan.grayscale(rgb).expand_as(rgb), atol=1e-5)
 
 
 def test_cutout_one_square_hole():
