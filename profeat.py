@@ -184,11 +184,12 @@ def hue_matrix(shift):
     return torch.linalg.inv(yiq) @ rot @ yiq
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, grayscale_p=0.0):
     """ColorJitter as torchvision draws it (factors in [1-s, 1+s], hue in [-hue, hue], a random order of the four ops,
     all per image), applied with probability p. Each op is affine in RGB, so per image they compose into one matrix A
     [C, C] and offset t [C] (y = A x + t), applied in one pass: one clamp at the end instead of one per op, and the hue
-    is a YIQ rotation (hue_matrix). On 1-channel images saturation and hue are the identity by construction."""
+    is a YIQ rotation (hue_matrix). RandomGrayscale(grayscale_p), which follows the jitter in SimCLR, is linear too and
+    is folded into the same matrix. On 1-channel images saturation, hue and grayscale are the identity by construction."""
     B, C, dev = x.shape[0], x.shape[1], x.device
     u = torch.rand(B, 4, device=dev) * 2 - 1                                   # in [-1, 1]; 0 = identity
     u[torch.rand(B, device=dev) >= p] = 0.0
@@ -209,28 +210,23 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
         op = order[:, step]
         A = torch.stack([m for m, _ in candidates])[op, torch.arange(B)]       # [B, C, C]
         t = torch.stack([v for _, v in candidates])[op, torch.arange(B)]       # [B, C]
+    gray = (torch.rand(B, device=dev) < grayscale_p).view(B, 1, 1)             # every channel := luma
+    to_gray = w.view(1, 1, C).expand(1, C, C)                                  # [1, C, C], rows = w
+    A, t = torch.where(gray, to_gray @ A, A), torch.where(gray[:, :, 0], (to_gray @ t.unsqueeze(2)).squeeze(2), t)
     y = t.view(B, C, 1, 1).expand_as(x).clone()                                # y = A x + t, one column at a time
     for j in range(C):
         y.addcmul_(A[:, :, j].view(B, C, 1, 1), x[:, j:j + 1])
     return y.clamp_(0, 1)
 
 
-def random_grayscale(x, p=0.2):
-    if x.shape[1] == 1:
-        return x
-    return torch.where(_v(torch.rand(x.shape[0], device=x.device) < p), grayscale(x).expand_as(x), x)
-
-
 def normalize(x, mean, std):
-    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub(torch.tensor(mean, device=x.device).view(1, -1, 1, 1)).div_(torch.tensor(std, device=x.device).view(1, -1, 1, 1))
 
 
 def simclr_augment(images, mean, std):
     """SimCLR's augmentation of a uint8 batch [B, C, H, W] -> normalised float. Colour ops skip 1-channel images."""
-    x = images.float() / 255
-    x = random_resized_crop_flip(x, scale=(0.2, 1.0))
-    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
-    x = random_grayscale(x, p=0.2)
+    x = random_resized_crop_flip(images.float().div_(255), scale=(0.2, 1.0))
+    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, grayscale_p=0.2)            # + RandomGrayscale(0.2)
     return normalize(x, mean, std)
 
 
@@ -895,7 +891,11 @@ def main(argv=None):
             row = {"iteration": it, "kept_member": kept, **evaluate_clusters(test_probs[kept], test.labels, test.classes,
                                                                                f"iteration {it} (member {kept})")}
             row.update({k: reps[kept].get(k) for k in ["kept_images", "positive_pairs", "skipped_batches"]}, **infos[kept])
-            row["train_confident"] = int((train_probs[kept].max(1).values >= args.t_s).sum())
+            confident = train_probs[kept].max(1).values >= args.t_s             # what the next ProFeat_s step uses
+            row["train_confident"] = int(confident.sum())
+            if confident.any() and (train.labels >= 0).all():                  # their accuracy (labels only reported)
+                row["train_confident_acc"] = float(metrics.cluster_acc(train_probs[kept].argmax(1)[confident].cpu().numpy(),
+                                                                       train.labels[confident].cpu().numpy()))
             if E > 1 and (test.labels >= 0).any():
                 row["member_acc"] = [float(metrics.cluster_acc(p.argmax(1).cpu().numpy(), test.labels.cpu().numpy()))
                                      for p in test_probs]

@@ -255,7 +255,7 @@ def sharpness(x, f):
 
 
 def affine_matrix(op, u):
-    """2x3 matrices [B, 3] of the geometric strong ops: 0 rotate +-30 deg, 1/2 shear x/y +-0.1 (PIL's ShearX/Y on square
+    """2x3 matrices [B, 2, 3] of the geometric strong ops: 0 rotate +-30 deg, 1/2 shear x/y +-0.1 (PIL's ShearX/Y on square
     images), 3/4 translate x/y +-10% of the side; magnitude u [B] in [0, 1], 0.5 = identity."""
     B = len(u)
     theta = torch.zeros(B, 2, 3, device=u.device)
@@ -644,6 +644,7 @@ def prep(x, args):
 
 
 def run_pretext(args, train, test, in_ch):
+    epoch_seed(args, "pretext", -1)                                            # initial weights: same on every run
     model, fmodel = to_device(ContrastiveModel(make_backbone(args, in_ch)), args)
     opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.pretext_wd)
     ckpt, start = resume(args, "pretext", model, opt)
@@ -724,6 +725,7 @@ def head_losses(model, images, mean, std, neighbor_idx, args):
 
 
 def run_scan(args, pretext_model, mine, train, test):
+    epoch_seed(args, "scan", -1)                                               # heads: same whether or not pretext ran now
     model, fmodel = to_device(ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads), args)
     if args.update_head_only:                                                  # no backbone gradients at all
         model.backbone.requires_grad_(False)

@@ -263,6 +263,9 @@ def test_quick_run_killed_and_resumed(tmp_path):
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert {r["epoch"] for r in log if r["stage"] == "pretext"} == {1, 2, 3, 4, 5}
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # same seed, same device: an uninterrupted run gives exactly the same results as the killed + resumed one
+    fresh = run_scan("--dataset", "synthetic", "--quick", "--out-dir", str(tmp_path / "fresh"))
+    assert fresh.returncode == 0 and json.load(open(tmp_path / "fresh" / "results.json"))["rows"] == results["rows"]
     # complete stages are skipped on a rerun
     again = run_scan("--dataset", "synthetic", "--quick", "--out-dir", out)
     assert again.returncode == 0 and "[pretext] epoch" not in again.stdout and "[scan] epoch" not in again.stdout
@@ -291,3 +294,10 @@ def test_corrupted_checkpoint_exits_2(tmp_path):
     res = run_scan("--dataset", "synthetic", "--quick", "--out-dir", str(out))
     assert res.returncode == 2 and "pretext.pt" in res.stderr and "Traceback" not in res.stderr
     assert (out / "pretext.pt").read_bytes() == b"not a checkpoint"         # not overwritten
+
+
+def test_non_finite_loss_names_epoch_step_and_checkpoint():
+    args = type("Args", (), {"out_dir": "/some/run"})()
+    scan.check_finite(torch.tensor(1.0), "scan", 3, 7, args)                  # finite: nothing happens
+    with pytest.raises(FloatingPointError, match=r"scan loss at epoch 3 step 7.*/some/run/scan.pt"):
+        scan.check_finite(torch.tensor(float("nan")), "scan", 3, 7, args)
