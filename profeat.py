@@ -267,7 +267,7 @@ def sharpness(x, f):
 
 
 def affine_matrix(op, u):
-    """2x3 matrices [B, 3] of the geometric strong ops: 0 rotate +-30 deg, 1/2 shear x/y +-0.1 (PIL's ShearX/Y on square
+    """2x3 matrices [B, 2, 3] of the geometric strong ops: 0 rotate +-30 deg, 1/2 shear x/y +-0.1 (PIL's ShearX/Y on square
     images), 3/4 translate x/y +-10% of the side; magnitude u [B] in [0, 1], 0.5 = identity."""
     B = len(u)
     theta = torch.zeros(B, 2, 3, device=u.device)
@@ -518,24 +518,22 @@ def evaluate_clusters(probs, labels, classes, title):
     return res
 
 
-def keep_member(train_preds):
+def keep_member(train_preds, scan_losses):
     """CHOICE (the paper keeps "only one model" without saying which): the medoid of the ensemble, the member whose
-    train-set clustering has the highest mean NMI with the other members'. Label-free. train_preds: [E, N]."""
+    train-set clustering has the highest mean NMI with the other members'; ties (always, for E = 2) go to the lowest
+    SCAN loss of Eq. (2) on the train set. Label-free. train_preds: [E, N] cluster indices; scan_losses: [E]."""
     E = len(train_preds)
-    if E == 1:
-        return 0
-    agree = [np.mean([metrics.nmi(train_preds[e], train_preds[f]) for f in range(E) if f != e]) for e in range(E)]
-    return int(np.argmax(agree))
+    agree = [round(float(np.mean([metrics.nmi(train_preds[e], train_preds[f]) for f in range(E) if f != e] or [0])), 6)
+             for e in range(E)]
+    return min(range(E), key=lambda e: (-agree[e], scan_losses[e]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Training stages (helpers copied from scan.py; each stage resumes from its per-epoch checkpoint)
 # ----------------------------------------------------------------------------------------------------------------
-def write_outputs(args, model, head, test, rows):
-    """predictions.csv, prototypes.png and results.json for the final model on the test split."""
+def write_outputs(args, probs, test, rows):
+    """predictions.csv, prototypes.png and results.json from the final model's probabilities [N, C] on the test split."""
     from torchvision.utils import save_image
-    model.eval()
-    probs = predict(model, test.images, test.mean, test.std)[head].softmax(1)  # [N, C]
     conf, cluster = probs.max(1)
     lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
                                                   enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
@@ -563,6 +561,28 @@ def log_jsonl(out_dir, row):
         f.write(json.dumps(row) + "\n")
 
 
+def to_device(model, args):
+    """(model on the device, the callable used for training): on CUDA channels_last inputs and bf16 autocast, compiled
+    with --compile."""
+    cuda = args.device == "cuda"
+    model = model.to(args.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    compiled = torch.compile(model) if args.compile else model
+
+    def train_forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return compiled(x.contiguous(memory_format=torch.channels_last) if cuda else x)
+    return model, train_forward
+
+
+def pick_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return next(d for d in ["cuda", "mps", "cpu"] if available[d])
+    if not available[name]:
+        raise ProFeatError(f"--device {name} was requested but is not available here; use --device auto or cpu.")
+    return name
+
+
 class Progress:
     """Prints 'stage epoch step loss images/s ETA' every few seconds."""
     def __init__(self, stage, total_steps, every):
@@ -579,28 +599,6 @@ class Progress:
             eta = (now - self.t0) / self.done * (self.total - self.done)
             print(f"[{self.stage}] epoch {epoch} step {step} loss {loss:.4f} {rate:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
             self.last = now
-
-
-def autocast(args):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
-
-
-def to_device(model, args):  # returns (model, the callable used for training: compiled when --compile)
-    model = model.to(args.device, memory_format=torch.channels_last if args.device == "cuda" else torch.preserve_format)
-    return model, (torch.compile(model) if args.compile else model)
-
-
-def prep(x, args):
-    return x.contiguous(memory_format=torch.channels_last) if args.device == "cuda" else x
-
-
-def pick_device(name):
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return next(d for d in ["cuda", "mps", "cpu"] if available[d])
-    if not available[name]:
-        raise ProFeatError(f"--device {name} was requested but is not available here; use --device auto or cpu.")
-    return name
 
 
 @torch.no_grad()
@@ -709,8 +707,7 @@ def representation_step(args, it, e, model, images, mean, std, groups_of):
             if n < 2:                                                          # nothing to contrast: skip the batch
                 continue
             imgs = images[idx[keep]]
-            with autocast(args):
-                z = fmodel(prep(torch.cat([simclr_augment(imgs, mean, std), simclr_augment(imgs, mean, std)]), args))
+            z = fmodel(torch.cat([simclr_augment(imgs, mean, std), simclr_augment(imgs, mean, std)]))  # [2n, 128]
             loss = refinement_loss(z.float(), view_positives(group[keep][:, keep]), args.temperature)
             check_finite(loss, path, epoch, step)
             opt.zero_grad(set_to_none=True)
@@ -747,8 +744,7 @@ def clustering_step(args, it, e, g_model, train):
             neighbor = neighbor_idx[anchor, torch.randint(0, neighbor_idx.shape[1], (len(anchor),), device=anchor.device)]
             x = torch.cat([strong_augment(train.images[anchor], train.mean, train.std),
                            strong_augment(train.images[neighbor], train.mean, train.std)])
-            with autocast(args):
-                logits = fmodel(prep(x, args))                                 # [H, 2B, K]
+            logits = fmodel(x)                                                 # [H, 2B, K]
             losses = torch.stack([scan_loss(lg[:B], lg[B:], args.entropy_weight)[0] for lg in logits])
             check_finite(losses.sum(), path, epoch, step)
             opt.zero_grad(set_to_none=True)
@@ -774,10 +770,9 @@ def clustering_step(args, it, e, g_model, train):
         perm = torch.randperm(N, device=train.images.device)
         for step in range(steps):
             imgs = train.images[perm[step * B:(step + 1) * B]]
-            with torch.no_grad(), autocast(args):
-                weak_logits = fmodel(prep(plain(imgs, train.mean, train.std), args))[0]  # un-augmented view [B, K]
-            with autocast(args):
-                strong_logits = fmodel(prep(strong_augment(imgs, train.mean, train.std), args))[0]
+            with torch.no_grad():
+                weak_logits = fmodel(plain(imgs, train.mean, train.std))[0]   # un-augmented view [B, K]
+            strong_logits = fmodel(strong_augment(imgs, train.mean, train.std))[0]
             loss, n = confidence_ce(weak_logits, strong_logits, args.t_f)
             n_conf += n
             if loss is None:                                                   # no confident sample: skip the batch
@@ -886,7 +881,7 @@ def main(argv=None):
             for m in models:
                 m.eval()                                                       # BN statistics, not the batch's
             train_probs = torch.stack([predict(m, train.images, train.mean, train.std)[h].softmax(1) for m, h in zip(models, heads)])
-            kept = keep_member(train_probs.argmax(2).cpu().numpy())
+            kept = keep_member(train_probs.argmax(2).cpu().numpy(), [info["scan_eval_loss"] for info in infos])
             test_probs = [predict(m, test.images, test.mean, test.std)[h].softmax(1) for m, h in zip(models, heads)]
             row = {"iteration": it, "kept_member": kept, **evaluate_clusters(test_probs[kept], test.labels, test.classes,
                                                                                f"iteration {it} (member {kept})")}
@@ -903,7 +898,7 @@ def main(argv=None):
             rows.append(row)
             log_jsonl(args.out_dir, {"stage": "iteration", **row})
             write_results(args, rows)
-        write_outputs(args, models[kept], heads[kept], test, rows)
+        write_outputs(args, test_probs[kept], test, rows)
         print(f"done in {time.time() - t_start:.1f} s; kept member {kept}; outputs in {args.out_dir}")
     except (data.DataError, ProFeatError) as e:
         print(f"profeat.py: error: {e}", file=sys.stderr)

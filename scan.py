@@ -30,9 +30,7 @@ import data
 import metrics
 from knn import knn
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Arguments
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 1. Arguments ----------------------------------------------------------------------------------------------
 # The paper's settings per dataset (SCAN's configs); anything not listed uses the cifar10 value.
 PAPER_DEFAULTS = {
     "cifar10": dict(scan_epochs=50, scan_batch_size=128, selflabel_epochs=200),
@@ -108,9 +106,7 @@ class ScanError(Exception):
     """Bad input or configuration: printed as one paragraph, exit status 2."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Data + augmentation: float images in [0, 1], [B, C, H, W], every random parameter drawn per image.
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 2. Data + augmentation: float images in [0, 1], [B, C, H, W], every random parameter drawn per image. -----
 def _v(t):  # per-image scalar [B] -> broadcastable [B, 1, 1, 1]
     return t.view(-1, 1, 1, 1)
 
@@ -327,9 +323,7 @@ def plain(images, mean, std):  # evaluation view: no augmentation
     return normalize(images.float() / 255, mean, std)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Model
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 3. Model --------------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -400,9 +394,7 @@ class ClusteringModel(nn.Module):
         return torch.stack([h(feat) for h in self.heads]).float()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Losses: pure functions of tensors
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 4. Losses: pure functions of tensors ----------------------------------------------------------------------
 def nt_xent(z1, z2, temperature=0.1):
     """SimCLR's NT-Xent (SimCLR Eq. 1), averaged over the 2B anchors. z1, z2: [B, D] L2-normalised views."""
     B = z1.shape[0]
@@ -472,9 +464,7 @@ def confidence_ce(weak_logits, strong_logits, threshold=0.99):
     return F.cross_entropy(strong_logits[mask], target, weight=weight.to(strong_logits.dtype)), n
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Evaluation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 5. Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(fn, images, mean, std, batch_size=1000):
     """fn(normalised batch) -> tensor; run over all images without augmentation, concatenated on dim -2 (or 0)."""
@@ -533,9 +523,7 @@ def evaluate_clusters(probs, labels, classes, title):
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Training stages (each one: resume from its checkpoint, train epochs, save atomically, evaluate)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 6. Training stages (each one: resume from its checkpoint, train epochs, save atomically, evaluate) --------
 def atomic_save(obj, path):  # temporary file, then rename: a kill never leaves a half-written file
     tmp = path + ".tmp"
     torch.save(obj, tmp) if not isinstance(obj, str) else open(tmp, "w").write(obj)
@@ -582,43 +570,6 @@ def load_stage(args, stage):
     return ckpt
 
 
-def resume(args, stage, model, opt):
-    """Load the stage's checkpoint into model (and opt when unfinished); returns (ckpt or None, first epoch to run)."""
-    ckpt = load_stage(args, stage)
-    if ckpt is None:
-        return None, 0
-    model.load_state_dict(ckpt["model"])
-    if not ckpt["complete"]:
-        opt.load_state_dict(ckpt["optimizer"])
-        print(f"[{stage}] resuming after epoch {ckpt['epoch']}")
-    return ckpt, ckpt["epoch"]
-
-
-def save_epoch(args, stage, model, opt, epoch, epochs, **extra):
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "complete": epoch == epochs,
-            "config": stage_config(args, stage), "args": vars(args), **extra}
-    atomic_save(ckpt, os.path.join(args.out_dir, stage + ".pt"))
-    return ckpt
-
-
-class Progress:
-    """Prints 'stage epoch step loss images/s ETA' every few seconds."""
-    def __init__(self, stage, total_steps, every):
-        self.stage, self.total, self.every = stage, total_steps, every
-        self.t0 = self.last = time.time()
-        self.done = self.images = 0
-
-    def step(self, epoch, step, loss, n_images):
-        self.done += 1
-        self.images += n_images
-        now = time.time()
-        if now - self.last >= self.every:
-            rate = self.images / (now - self.t0)
-            eta = (now - self.t0) / self.done * (self.total - self.done)
-            print(f"[{self.stage}] epoch {epoch} step {step} loss {loss:.4f} {rate:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
-            self.last = now
-
-
 def check_finite(loss, stage, epoch, step, args):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"Non-finite {stage} loss at epoch {epoch} step {step}; the last good checkpoint is "
@@ -630,61 +581,93 @@ def epoch_seed(args, stage, epoch):  # per-epoch reseeding: a resumed run draws 
     torch.manual_seed(args.seed * 100003 + STAGES.index(stage) * 10007 + epoch)
 
 
-def autocast(args):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+def to_device(model, args):
+    """(model on the device, the callable used for training): on CUDA channels_last inputs and bf16 autocast, compiled
+    with --compile."""
+    cuda = args.device == "cuda"
+    model = model.to(args.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    compiled = torch.compile(model) if args.compile else model
+
+    def train_forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return compiled(x.contiguous(memory_format=torch.channels_last) if cuda else x)
+    return model, train_forward
 
 
-def to_device(model, args):  # returns (model, the callable used for training: compiled when --compile)
-    model = model.to(args.device, memory_format=torch.channels_last if args.device == "cuda" else torch.preserve_format)
-    return model, (torch.compile(model) if args.compile else model)
-
-
-def prep(x, args):
-    return x.contiguous(memory_format=torch.channels_last) if args.device == "cuda" else x
+def train_stage(args, stage, model, opt, epochs, batch_size, N, batch_loss, end_epoch, start_epoch=None):
+    """The loop of pretext, scan and selflabel: resume from the stage's checkpoint (returned as is when complete); each
+    epoch reseed, start_epoch(epoch), one step per shuffled batch on batch_loss(idx) (a loss, per-head losses [H] that
+    are summed, or None: skip), end_epoch(epoch, row) evaluates, prints and returns extra checkpoint entries; log, save."""
+    ckpt = load_stage(args, stage)
+    start = 0 if ckpt is None else ckpt["epoch"]
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt["complete"]:
+            return ckpt
+        opt.load_state_dict(ckpt["optimizer"])
+        print(f"[{stage}] resuming after epoch {start}")
+    B = min(batch_size, N)
+    steps = N // B
+    total_steps, done = steps * (epochs - start), 0
+    t_start = last_print = time.time()
+    for epoch in range(start, epochs):
+        epoch_seed(args, stage, epoch)
+        model.train()
+        if start_epoch is not None:
+            start_epoch(epoch)
+        t0, losses = time.time(), []
+        perm = torch.randperm(N, device=args.device)
+        for step in range(steps):
+            loss = batch_loss(perm[step * B:(step + 1) * B])
+            if loss is None:                                                   # nothing to learn from: skip the batch
+                continue
+            check_finite(loss.sum(), stage, epoch, step, args)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()                                              # [H] losses: every head trained at once
+            opt.step()
+            losses.append(loss.detach().float().cpu())
+            done += 1
+            if time.time() - last_print >= args.log_every:                    # progress line every few seconds
+                last_print, elapsed = time.time(), time.time() - t_start
+                print(f"[{stage}] epoch {epoch} step {step} loss {losses[-1].mean():.4f} {2 * B * done / elapsed:.0f} img/s "
+                      f"ETA {elapsed / done * (total_steps - done) / 60:.1f} min", flush=True)  # 2B images: two views each
+        seconds = time.time() - t0
+        row = {"stage": stage, "epoch": epoch + 1, "loss": (torch.stack(losses).mean(0) if losses else torch.tensor(0.0)).tolist(),
+               "seconds": seconds, "images_per_s": 2 * B * steps / seconds}
+        extra = end_epoch(epoch, row)
+        log_jsonl(args.out_dir, row)
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "complete": epoch + 1 == epochs,
+                "config": stage_config(args, stage), "args": vars(args), **extra}
+        atomic_save(ckpt, os.path.join(args.out_dir, stage + ".pt"))
+    return ckpt
 
 
 def run_pretext(args, train, test, in_ch):
     epoch_seed(args, "pretext", -1)                                            # initial weights: same on every run
     model, fmodel = to_device(ContrastiveModel(make_backbone(args, in_ch)), args)
     opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.pretext_wd)
-    ckpt, start = resume(args, "pretext", model, opt)
-    if ckpt is not None and ckpt["complete"]:
-        return model, ckpt
-    N, B = len(train.images), min(args.pretext_batch_size, len(train.images))
-    steps = N // B
     monitor_every = args.monitor_every or max(1, args.pretext_epochs // 10)
-    prog = Progress("pretext", steps * (args.pretext_epochs - start), args.log_every)
-    for epoch in range(start, args.pretext_epochs):
-        # cosine decay from lr to lr * 0.1^3 (SCAN's SimCLR config)
-        lr = args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * epoch / args.pretext_epochs)) / 2)
+
+    def set_lr(epoch):  # cosine decay from lr to lr * 0.1^3 (SCAN's SimCLR config)
         for gr in opt.param_groups:
-            gr["lr"] = lr
-        epoch_seed(args, "pretext", epoch)
-        model.train()
-        t0, total = time.time(), 0.0
-        perm = torch.randperm(N, device=args.device)
-        for step in range(steps):
-            imgs = train.images[perm[step * B:(step + 1) * B]]
-            v1, v2 = simclr_augment(imgs, train.mean, train.std), simclr_augment(imgs, train.mean, train.std)
-            with autocast(args):
-                z = fmodel(prep(torch.cat([v1, v2]), args))                    # [2B, 128]
-            loss = nt_xent(z[:B], z[B:], args.temperature)
-            check_finite(loss, "pretext", epoch, step, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            prog.step(epoch, step, loss.item(), 2 * B)
-        row = {"stage": "pretext", "epoch": epoch + 1, "loss": total / steps, "lr": lr, "seconds": time.time() - t0,
-               "images_per_s": 2 * B * steps / (time.time() - t0)}
+            gr["lr"] = args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * epoch / args.pretext_epochs)) / 2)
+
+    def batch_loss(idx):
+        imgs = train.images[idx]
+        v1, v2 = simclr_augment(imgs, train.mean, train.std), simclr_augment(imgs, train.mean, train.std)
+        z = fmodel(torch.cat([v1, v2]))                                        # [2B, 128]
+        return nt_xent(z[:len(idx)], z[len(idx):], args.temperature)
+
+    def end_epoch(epoch, row):
+        row["lr"] = opt.param_groups[0]["lr"]
         if (epoch + 1) % monitor_every == 0 or epoch + 1 == args.pretext_epochs:
             if (train.labels >= 0).all() and (test.labels >= 0).all():
                 row["knn_acc"] = weighted_knn_acc(predict(model, train.images, train.mean, train.std), train.labels,
                                                   predict(model, test.images, test.mean, test.std), test.labels)
         print(f"[pretext] epoch {epoch + 1}/{args.pretext_epochs} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-        log_jsonl(args.out_dir, row)
-        ckpt = save_epoch(args, "pretext", model, opt, epoch + 1, args.pretext_epochs)
-    return model, ckpt
+        return {}
+    return model, train_stage(args, "pretext", model, opt, args.pretext_epochs, args.pretext_batch_size, len(train.images),
+                              batch_loss, end_epoch, start_epoch=set_lr)
 
 
 def run_mine(args, model, train, test):
@@ -698,8 +681,8 @@ def run_mine(args, model, train, test):
     scores, neighbor_idx = knn(train_z, k=args.num_neighbors, metric="cosine", exclude_self=True)  # [N, K]
     row = {"stage": "pretext+kmeans"}
     if (train.labels >= 0).all():
-        row["neighbor_acc_top5"] = float(metrics.neighbor_acc(neighbor_idx[:, :5].cpu(), train.labels.cpu()))
-        row["neighbor_acc_top20"] = float(metrics.neighbor_acc(neighbor_idx[:, :20].cpu(), train.labels.cpu()))
+        for k in (5, 20):
+            row[f"neighbor_acc_top{k}"] = float(metrics.neighbor_acc(neighbor_idx[:, :k].cpu(), train.labels.cpu()))
         print(f"[mine] neighbour accuracy top-5 {row['neighbor_acc_top5']:.4f} top-20 {row['neighbor_acc_top20']:.4f}")
     _, centroids = kmeans(train_z, args.num_clusters, seed=args.seed)
     test_assign = torch.cdist(test_z, centroids).argmin(1)
@@ -711,124 +694,78 @@ def run_mine(args, model, train, test):
     return ckpt
 
 
-@torch.no_grad()
-def head_losses(model, images, mean, std, neighbor_idx, args):
-    """Eq. (2) (all K neighbours, no augmentation) per head on the train set: the label-free head selection."""
-    model.eval()
-    logits = predict(model, images, mean, std)                                 # [H, N, C]
-    log_p = F.log_softmax(logits, 2)
-    consistency = -torch.stack([torch.logsumexp(log_p + log_p[:, neighbor_idx[:, k]], 2).mean(1)
-                                for k in range(neighbor_idx.shape[1])]).mean(0)  # [H]
-    mean_p = log_p.exp().mean(1)                                               # [H, C]
-    entropy = -(mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
-    return consistency - args.entropy_weight * entropy
-
-
 def run_scan(args, pretext_model, mine, train, test):
     epoch_seed(args, "scan", -1)                                               # heads: same whether or not pretext ran now
     model, fmodel = to_device(ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads), args)
     if args.update_head_only:                                                  # no backbone gradients at all
         model.backbone.requires_grad_(False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr, weight_decay=args.weight_decay)
-    ckpt, start = resume(args, "scan", model, opt)
-    if ckpt is not None and ckpt["complete"]:
-        return model, ckpt
     neighbor_idx, train_z = mine["neighbor_idx"].to(args.device), mine["train_z"].to(args.device)
-    N, B = len(train.images), min(args.scan_batch_size, len(train.images))
-    steps = N // B
-    prog = Progress("scan", steps * (args.scan_epochs - start), args.log_every)
-    for epoch in range(start, args.scan_epochs):
-        epoch_seed(args, "scan", epoch)
-        model.train()
+
+    def freeze_bn(epoch):  # frozen backbone: BN statistics too
         if args.update_head_only:
-            model.backbone.eval()                                              # frozen: BN statistics too
-        t0, totals = time.time(), torch.zeros(args.num_heads)
-        perm = torch.randperm(N, device=args.device)
-        for step in range(steps):
-            anchor = perm[step * B:(step + 1) * B]                            # [B]
-            neighbor = neighbor_idx[anchor, torch.randint(0, neighbor_idx.shape[1], (len(anchor),), device=args.device)]
-            x = strong_augment(train.images[torch.cat([anchor, neighbor])], train.mean, train.std)  # [2B, C, H, W]
-            with autocast(args):
-                logits = fmodel(prep(x, args))                                 # [H, 2B, C]
-            if args.loss == "scan":
-                losses = [scan_loss(lg[:B], lg[B:], args.entropy_weight)[0] for lg in logits]
-            else:
-                losses = [structured_loss(lg[:B], lg[B:], train_z[anchor], train_z[neighbor], args.tau_c, args.tau_cc,
-                                          args.eta_cc, args.lambda_b)[0] for lg in logits]
-            loss = torch.stack(losses).sum()                                   # every head trained at once
-            check_finite(loss, "scan", epoch, step, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            totals += torch.stack(losses).detach().cpu()
-            prog.step(epoch, step, loss.item() / args.num_heads, 2 * B)
-        hl = head_losses(model, train.images, train.mean, train.std, neighbor_idx, args)
+            model.backbone.eval()
+
+    def batch_loss(anchor):                                                    # [B]
+        B = len(anchor)
+        neighbor = neighbor_idx[anchor, torch.randint(0, neighbor_idx.shape[1], (B,), device=args.device)]
+        x = strong_augment(train.images[torch.cat([anchor, neighbor])], train.mean, train.std)  # [2B, C, H, W]
+        logits = fmodel(x)                                                     # [H, 2B, C]
+        if args.loss == "scan":
+            return torch.stack([scan_loss(lg[:B], lg[B:], args.entropy_weight)[0] for lg in logits])
+        return torch.stack([structured_loss(lg[:B], lg[B:], train_z[anchor], train_z[neighbor], args.tau_c, args.tau_cc,
+                                            args.eta_cc, args.lambda_b)[0] for lg in logits])
+
+    def end_epoch(epoch, row):
+        # label-free head selection: Eq. (2) per head on the train set, all K neighbours, no augmentation
+        logits = predict(model, train.images, train.mean, train.std)           # [H, N, C]
+        hl = torch.stack([torch.stack([scan_loss(lg, lg[neighbor_idx[:, k]], args.entropy_weight)[0]
+                                       for k in range(neighbor_idx.shape[1])]).mean() for lg in logits])  # [H]
         best = int(hl.argmin())
-        row = {"stage": "scan", "epoch": epoch + 1, "loss": (totals / steps).tolist(), "eval_loss": hl.tolist(),
-               "best_head": best, "seconds": time.time() - t0, "images_per_s": 2 * B * steps / (time.time() - t0)}
+        row.update(eval_loss=hl.tolist(), best_head=best)
         if (test.labels >= 0).any():
             pred = predict(model, test.images, test.mean, test.std)[best].argmax(1).cpu()
             row["test_acc"] = float(metrics.cluster_acc(pred.numpy(), test.labels.cpu().numpy()))
         print(f"[scan] epoch {epoch + 1}/{args.scan_epochs} loss {row['loss'][best]:.4f} eval_loss {hl[best]:.4f} "
               f"head {best} test_acc {row.get('test_acc', float('nan')):.4f} {row['images_per_s']:.0f} img/s", flush=True)
-        log_jsonl(args.out_dir, row)
-        ckpt = save_epoch(args, "scan", model, opt, epoch + 1, args.scan_epochs, best_head=best)
-    return model, ckpt
-
-
-def single_head(model, head):  # keep only the selected head: the self-labelling model
-    out = ClusteringModel(model.backbone, model.heads[head].out_features, 1).to(next(model.parameters()).device)
-    out.heads[0].load_state_dict(model.heads[head].state_dict())
-    return out
+        return {"best_head": best}
+    return model, train_stage(args, "scan", model, opt, args.scan_epochs, args.scan_batch_size, len(train.images),
+                              batch_loss, end_epoch, start_epoch=freeze_bn)
 
 
 def run_selflabel(args, scan_model, best_head, train, test):
-    model, fmodel = to_device(single_head(scan_model, best_head), args)
+    head = scan_model.heads[best_head]                                         # keep only the selected head
+    model, fmodel = to_device(ClusteringModel(scan_model.backbone, head.out_features, 1), args)
+    model.heads[0].load_state_dict(head.state_dict())
     model.requires_grad_(True)                                                 # self-labelling trains everything
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
-    ckpt, start = resume(args, "selflabel", model, opt)
-    if ckpt is not None and ckpt["complete"]:
-        return model, ckpt
-    N, B = len(train.images), min(args.selflabel_batch_size, len(train.images))
-    steps = N // B
-    prog = Progress("selflabel", steps * (args.selflabel_epochs - start), args.log_every)
-    for epoch in range(start, args.selflabel_epochs):
-        epoch_seed(args, "selflabel", epoch)
-        t0, total, n_conf, used = time.time(), 0.0, 0, 0
-        perm = torch.randperm(N, device=args.device)
-        for step in range(steps):
-            imgs = train.images[perm[step * B:(step + 1) * B]]
-            model.eval()                                                       # pseudo-labels as evaluated
-            with torch.no_grad(), autocast(args):
-                weak_logits = fmodel(prep(plain(imgs, train.mean, train.std), args))[0]  # un-augmented view [B, C]
-            model.train()
-            with autocast(args):
-                strong_logits = fmodel(prep(strong_augment(imgs, train.mean, train.std), args))[0]
-            loss, n = confidence_ce(weak_logits, strong_logits, args.confidence_threshold)
-            n_conf += n
-            if loss is None:                                                   # no confident sample: skip the batch
-                continue
-            check_finite(loss, "selflabel", epoch, step, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, used = total + loss.item(), used + 1
-            prog.step(epoch, step, loss.item(), 2 * B)
-        row = {"stage": "selflabel", "epoch": epoch + 1, "loss": total / max(used, 1), "confident": n_conf,
-               "confident_frac": n_conf / (steps * B), "seconds": time.time() - t0,
-               "images_per_s": 2 * B * steps / (time.time() - t0)}
+    confident = []                                                             # confident samples of each batch this epoch
+
+    def batch_loss(idx):
+        imgs = train.images[idx]
+        model.eval()                                                           # pseudo-labels as evaluated
+        with torch.no_grad():
+            weak_logits = fmodel(plain(imgs, train.mean, train.std))[0]       # un-augmented view [B, C]
+        model.train()
+        strong_logits = fmodel(strong_augment(imgs, train.mean, train.std))[0]
+        loss, n = confidence_ce(weak_logits, strong_logits, args.confidence_threshold)
+        confident.append((n, len(idx)))
+        return loss                                                            # None (batch skipped) if none confident
+
+    def end_epoch(epoch, row):
+        n_conf = sum(n for n, _ in confident)
+        row.update(confident=n_conf, confident_frac=n_conf / sum(b for _, b in confident))
+        confident.clear()
         print(f"[selflabel] epoch {epoch + 1}/{args.selflabel_epochs} loss {row['loss']:.4f} confident {n_conf} "
               f"({row['confident_frac']:.3f}) {row['images_per_s']:.0f} img/s", flush=True)
-        log_jsonl(args.out_dir, row)
-        ckpt = save_epoch(args, "selflabel", model, opt, epoch + 1, args.selflabel_epochs)
-    return model, ckpt
+        return {}
+    return model, train_stage(args, "selflabel", model, opt, args.selflabel_epochs, args.selflabel_batch_size,
+                              len(train.images), batch_loss, end_epoch)
 
 
-def write_outputs(args, model, head, test, rows):
-    """predictions.csv, prototypes.png and results.json for the final model on the test split."""
+def write_outputs(args, probs, test, rows):
+    """predictions.csv, prototypes.png and results.json from the final model's probabilities [N, C] on the test split."""
     from torchvision.utils import save_image
-    model.eval()
-    probs = predict(model, test.images, test.mean, test.std)[head].softmax(1)  # [N, C]
     conf, cluster = probs.max(1)
     lines = ["index,cluster,confidence,label"] + [f"{i},{c},{p:.6f},{int(y) if y >= 0 else ''}" for i, (c, p, y) in
                                                   enumerate(zip(cluster.tolist(), conf.tolist(), test.labels.tolist()))]
@@ -850,9 +787,7 @@ def write_results(args, rows):
     atomic_save(json.dumps(res, indent=1, default=str) + "\n", os.path.join(args.out_dir, "results.json"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. main
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 7. main ---------------------------------------------------------------------------------------------------
 def pick_device(name):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
@@ -906,11 +841,10 @@ def main(argv=None):
                     os.remove(path)
         for s in STAGES:  # validate every existing checkpoint before spending time
             load_stage(args, s)
-        in_ch = train.images.shape[1]
         print(f"scan.py: {args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} "
               f"arch {args.arch} device {args.device} clusters {args.num_clusters} loss {args.loss} out {args.out_dir}", flush=True)
         t_start = time.time()
-        pretext_model, _ = run_pretext(args, train, test, in_ch)
+        pretext_model, _ = run_pretext(args, train, test, train.images.shape[1])
         mine = run_mine(args, pretext_model, train, test)
         rows = [mine["row"]]
         write_results(args, rows)
@@ -919,14 +853,12 @@ def main(argv=None):
         probs = predict(scan_model, test.images, test.mean, test.std)[head].softmax(1)
         rows.append({"stage": "scan", "head": head, **evaluate_clusters(probs, test.labels, test.classes, f"SCAN (head {head})")})
         write_results(args, rows)
-        final_model, final_head = scan_model, head
         if args.selflabel_epochs > 0:
-            final_model, _ = run_selflabel(args, scan_model, head, train, test)
-            final_head = 0
-            probs = predict(final_model, test.images, test.mean, test.std)[0].softmax(1)
+            selflabel_model, _ = run_selflabel(args, scan_model, head, train, test)
+            probs = predict(selflabel_model, test.images, test.mean, test.std)[0].softmax(1)
             rows.append({"stage": "selflabel", **evaluate_clusters(probs, test.labels, test.classes, "self-label")})
         log_jsonl(args.out_dir, {"stage": "done", "seconds_this_run": time.time() - t_start})
-        write_outputs(args, final_model, final_head, test, rows)
+        write_outputs(args, probs, test, rows)                                 # probs of the final model
         print(f"done in {time.time() - t_start:.1f} s; outputs in {args.out_dir}")
     except (data.DataError, ScanError) as e:
         print(f"scan.py: error: {e}", file=sys.stderr)

@@ -323,3 +323,16 @@ def test_corrupted_or_foreign_checkpoint_exit_2_and_kept(profeat_s_run, tmp_path
     proc = run(TINY + ["--out-dir", out, "--t-s", "0.7"], check=False)   # another configuration
     assert proc.returncode == 2 and "another configuration" in proc.stderr and "Traceback" not in proc.stderr
     assert os.path.getmtime(os.path.join(out, "results.json")) == before
+
+
+def test_keep_member_is_the_medoid_and_ties_go_to_the_lowest_scan_loss():
+    a = torch.arange(300) % 3
+    b = a.clone()
+    b[:30] = (b[:30] + 1) % 3               # close to a
+    c = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(0))  # unrelated to both
+    preds = torch.stack([c, b, a]).numpy()  # a and b agree with each other; c is the outlier, never the medoid
+    nmi = lambda x, y: profeat.metrics.nmi(preds[x], preds[y])
+    mean_nmi = [(nmi(e, (e + 1) % 3) + nmi(e, (e + 2) % 3)) / 2 for e in range(3)]
+    assert profeat.keep_member(preds, [0.0, 0.0, 0.0]) == max(range(3), key=lambda e: mean_nmi[e]) != 0
+    assert profeat.keep_member(preds[:2], [-1.0, -2.0]) == 1 and profeat.keep_member(preds[:2], [-3.0, -2.0]) == 0
+    assert profeat.keep_member(preds[:1], [5.0]) == 0
