@@ -69,6 +69,7 @@ def load_dataset(name, root="./data", split="train", image_size=None, download=T
 
 def _fetch(name, root, split, where, download, how_to):
     """The files are missing: let torchvision download them (it writes the formats read below), or explain."""
+    reason = "downloading is switched off"
     if download:
         tv = torchvision.datasets
         cls = {"cifar10": tv.CIFAR10, "cifar20": tv.CIFAR100, "cifar100": tv.CIFAR100, "stl10": tv.STL10,
@@ -77,8 +78,6 @@ def _fetch(name, root, split, where, download, how_to):
             return cls(root, download=True, **({"split": split} if name == "stl10" else {"train": split == "train"}))
         except Exception as e:  # no network (URLError), server down, disk full, broken archive ...
             reason = f"downloading it failed ({type(e).__name__}: {e})"
-    else:
-        reason = "downloading is switched off"
     raise DataError(f"Dataset '{name}' ({split} split) was not found in {where} and {reason}. Provide it by running "
                     f"once with network access (it is then saved under the data root, here {os.path.abspath(root)}), "
                     f"or {how_to}, or point the data root (--data-root) at a folder that already holds it.")
@@ -91,8 +90,7 @@ def _unpickle(path):
             d = pickle.load(f, encoding="latin1")  # the files were pickled by Python 2
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     except Exception as e:
-        raise DataError(f"Cannot read CIFAR file {path} ({type(e).__name__}: {e}); delete it and download again.") \
-            from None
+        raise DataError(f"Cannot read CIFAR file {path} ({type(e).__name__}: {e}); delete it to re-download.") from None
 
 
 def _read_cifar(name, root, split, download):
