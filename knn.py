@@ -7,7 +7,7 @@ weighted k-NN monitors. One function, any device, bounded memory, exact:
     scores, indices = knn(features, k=20)                  # each row's 20 most similar rows, itself excluded
     dist, idx = knn(test_feats, train_feats, k=5, metric="l2")
 
-How the top-k is taken (the part that makes it faster than `topk` over whole rows, and than faiss on a CPU):
+How the top-k is taken (cheaper than `topk` over whole rows; the matrix product is most of the time):
 a block of scores S [R, M] is cut into groups of G consecutive columns; the k best entries of a row lie in the
 k groups with the largest maxima (if an entry were in another group, the k groups ahead of it would each hold a
 larger or equal, lower-indexed entry). So one cheap `amax` pass over S, a `topk` over M/G group maxima and a
