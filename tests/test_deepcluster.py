@@ -199,6 +199,32 @@ def test_kmeans_equals_naive_lloyd_step():
                                          inertia(labels.numpy(), c2)], rtol=1e-10)
 
 
+def test_kmeans_bounds_skip_points_yet_equal_lloyd(monkeypatch):
+    # Hamerly's bounds must change nothing but the work: 12 iterations on clustered float64 data equal 12 naive
+    # Lloyd steps (a vectorised numpy transcription), while the later assignments measure only some points.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(12, 8, generator=g, dtype=torch.float64) * 4).repeat(50, 1)
+    x += torch.randn(600, 8, generator=g, dtype=torch.float64)
+    k, iters = 10, 12
+    c = x[torch.randperm(600, generator=torch.Generator().manual_seed(5))[:k]].numpy()
+    xn = x.numpy()
+    for _ in range(iters):
+        assign = ((xn[:, None] - c[None]) ** 2).sum(2).argmin(1)
+        c = np.stack([xn[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+    assign = ((xn[:, None] - c[None]) ** 2).sum(2).argmin(1)
+    measured = []
+    real = dc.nearest_two
+    monkeypatch.setattr(dc, "nearest_two", lambda x, x_sq, cen, idx, rows: (
+        measured.append(len(x) if idx is None else len(idx)), real(x, x_sq, cen, idx, rows))[1])
+    labels, centroids, history, splits = dc.kmeans(x, k, iters=iters, seed=5)
+    assert splits == 0
+    assert labels.tolist() == assign.tolist()
+    np.testing.assert_allclose(centroids.numpy(), c, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(history[-1], ((xn - c[assign]) ** 2).sum(), rtol=1e-9)
+    assert measured[0] == 600 and len(measured) <= iters + 1
+    assert sum(measured) < 0.5 * 600 * (iters + 1)  # most assignments were proven unchanged by the bounds
+
+
 def test_kmeans_inertia_never_increases():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3000, 16, generator=g) + 3 * torch.randn(8, 16, generator=g).repeat(375, 1)

@@ -30,6 +30,8 @@ def brute_force(queries, keys, k, metric, exclude_self):
     (333, 5, 7, 64),            # N not a multiple of the group width
     (GROUP * 3, 4, 2, 1),       # one row per chunk, few groups
     (50, 3, 30, None),          # fewer groups than k: the full-sort path
+    (300, 16, 40, 32),          # k above a block's rows: lists are completed by the column side
+    (4500, 8, 10, 256),         # blocks wider than one product tile (knn.TILE columns)
 ])
 def test_self_search_equals_brute_force(device, metric, num_points, dim, k, chunk_size):
     gen = torch.Generator().manual_seed(num_points + k)
