@@ -107,7 +107,7 @@ def _search_self(rows, cols, k, num_points, excluding, chunk_size):
     chunk = max(GROUP, chunk_size // GROUP * GROUP)  # whole groups: blocks start on group and row-group boundaries
     best_vals = torch.full((padded, k), float("-inf"), device=device)      # running top-k of every point
     best_idx = torch.full((padded, k), padded, dtype=torch.long, device=device)
-    # Two buffers for every block: fresh large allocations would cost page faults and zeroing each time.
+    # Two buffers reused by every block: fresh large allocations would cost page faults each time.
     buffer = torch.empty(chunk * padded, device=device)
     col_buffer = torch.empty(chunk // ROW_GROUP * padded, device=device)
     for start in reversed(range(0, num_points, chunk)):
@@ -181,16 +181,13 @@ def _descending_key(vals):
     return 2**31 - 1 - ascending
 
 
-def _topk_block(block, k, group_max=None):
-    """Top-k of each row of block [R, M] (M a multiple of GROUP), ties to the lower index. -> (values, indices) [R, k].
-
-    group_max: the block's [R, M/GROUP] group maxima when the caller has them already."""
+def _topk_block(block, k):
+    """Top-k of each row of block [R, M] (M a multiple of GROUP), ties to the lower index. -> (values, indices) [R, k]."""
     num_rows, width = block.shape
     num_groups = width // GROUP
     if num_groups <= k:  # too few groups for the two-stage search to pay: sort whole rows
         return _stable_topk(block, k)
-    if group_max is None:
-        group_max = block.view(num_rows, num_groups, GROUP).amax(2)        # [R, M/G]
+    group_max = block.view(num_rows, num_groups, GROUP).amax(2)            # [R, M/G]
     top_group_vals, top_groups = group_max.topk(k + 1, dim=1)               # [R, k+1]
     # Groups in ascending order, so candidate columns are in ascending index order.
     groups = top_groups[:, :k].sort(1).values                               # [R, k]

@@ -86,6 +86,7 @@ def parse_args(argv=None):
     a("--scan-batch-size", type=int, default=None, help="SCAN batch size (128, 512 for cifar20)")
     a("--scan-lr", type=float, default=1e-4, help="SCAN Adam learning rate")
     a("--entropy-weight", type=float, default=5.0, help="lambda of Eq. (2)")
+    a("--carry-h", action=argparse.BooleanOptionalAction, default=False, help="start head 0 of each clustering step from the previous iteration's h (the others afresh) instead of all heads afresh")
     a("--finetune", action=argparse.BooleanOptionalAction, default=None, help="self-label fine-tune in each clustering step (paper: on, off for stl10)")
     a("--finetune-epochs", type=int, default=200, help="self-label epochs per clustering step (SCAN's 200)")
     a("--finetune-batch-size", type=int, default=1000, help="self-label batch size")
@@ -624,7 +625,7 @@ def single_head(model, head):  # keep only the selected head: the self-labelling
 CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset", "arch", "width", "num_clusters",
                "iterations", "ensemble", "t_s", "t_e", "t_c", "pretext_epochs", "refine_epochs", "batch_size", "lr",
                "lr_min", "wd", "temperature", "num_neighbors", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr",
-               "entropy_weight", "finetune", "finetune_epochs", "finetune_batch_size", "finetune_lr", "t_f",
+               "entropy_weight", "carry_h", "finetune", "finetune_epochs", "finetune_batch_size", "finetune_lr", "t_f",
                "weight_decay", "seed"]
 
 
@@ -720,18 +721,22 @@ def representation_step(args, it, e, model, images, mean, std, groups_of):
     return run_stage(args, f"it{it:03d}_m{e}_representation", model, opt, epochs, steps, one_epoch, lr_at)
 
 
-def clustering_step(args, it, e, g_model, train):
-    """Mine neighbours in p(g(x)); train h on g' = a copy of g with Eq. (2); optional self-labelling. g is untouched."""
+def clustering_step(args, it, e, g_model, train, previous=None):
+    """Mine neighbours in p(g(x)); train h on g' = a copy of g with Eq. (2); optional self-labelling. g is untouched.
+    previous: (clustering model, head) of this member's last iteration, used with --carry-h."""
     g_model.eval()
     train_z = predict(g_model, train.images, train.mean, train.std)           # [N, 128] projected space
     _, neighbor_idx = knn(train_z, k=args.num_neighbors, metric="cosine", exclude_self=True)  # [N, M]
     info = {}
     if (train.labels >= 0).all():
         info["neighbor_acc"] = float(metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu()))
-    # g' starts as g (deep copy: g's weights are never touched). CHOICE: h starts afresh every iteration (the first
-    # iteration is then exactly SCAN, as the ablation says); the text does not say whether h carries over.
+    # g' starts as g (deep copy: g's weights are never touched). CHOICE: by default h starts afresh every iteration
+    # (the first iteration is then exactly SCAN, as the ablation says); the text does not say whether h carries over
+    # ("iteratively learns both g and h"). With --carry-h head 0 continues the previous iteration's h.
     torch.manual_seed(args.seed * 100003 + 1000 * it + e)                     # the heads' init, same when resumed
     model, fmodel = to_device(ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads), args)
+    if args.carry_h and previous is not None:
+        model.heads[0].load_state_dict(previous[0].heads[previous[1]].state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=args.scan_lr, weight_decay=args.weight_decay)
     N, B = len(train.images), min(args.scan_batch_size, len(train.images))
     steps = N // B
@@ -873,10 +878,11 @@ def main(argv=None):
             else:
                 groups_of = lambda idx, k=train_probs.argmax(2): ensemble_groups(k[:, idx], args.t_e, args.t_c)
             images = pretext if it == 1 else train
+            previous = list(zip(models, heads)) if it > 1 else [None] * E  # this member's h of the last iteration
             models, heads, reps, infos = [], [], [], []
             for e in range(E):
                 reps.append(representation_step(args, it, e, g_models[e], images.images, images.mean, images.std, groups_of))
-                model, head, info = clustering_step(args, it, e, g_models[e], train)
+                model, head, info = clustering_step(args, it, e, g_models[e], train, previous[e])
                 models.append(model), heads.append(head), infos.append(info)
             for m in models:
                 m.eval()                                                       # BN statistics, not the batch's

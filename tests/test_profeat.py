@@ -196,6 +196,26 @@ def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypat
     assert 0 <= head < args.num_heads and "neighbor_acc" in info
 
 
+@pytest.mark.parametrize("carry", [False, True])
+def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkeypatch, carry):
+    args, train, g_model = tiny_setup
+    args = copy.copy(args)
+    args.scan_epochs, args.finetune, args.carry_h = 1, False, carry
+    torch.manual_seed(123)
+    previous = profeat.ClusteringModel(g_model.backbone, args.num_clusters, 3)  # its kept head: 2
+    seen = {}
+    original = profeat.run_stage
+
+    def spy(args_, name, model, *rest, **kw):  # h at the start of the SCAN stage
+        seen.setdefault("heads", [state(h) for h in model.heads])
+        return original(args_, name, model, *rest, **kw)
+    monkeypatch.setattr(profeat, "run_stage", spy)
+    profeat.clustering_step(args, 2, 8 + carry, g_model, train, previous=(previous, 2))
+    carried = state(previous.heads[2])
+    same = [all(torch.equal(h[k], carried[k]) for k in carried) for h in seen["heads"]]
+    assert same == [carry] + [False] * (args.num_heads - 1)   # only head 0, only with --carry-h
+
+
 def test_representation_step_skips_batches_where_nothing_survives(tiny_setup):
     args, train, g_model = tiny_setup
     model = profeat.ContrastiveModel(profeat.make_backbone(args, train.images.shape[1]))
