@@ -332,7 +332,9 @@ def kmeans_run(tmp_path_factory):
 
 
 def check_outputs(out, epochs):
-    result = json.load(open(out / "results.json"))[0]
+    results = json.load(open(out / "results.json"))
+    assert [r["features"] for r in results] == ["descriptors", "top_layer_input", "conv"]
+    result = results[0]
     assert {"acc", "nmi", "ari", "top5", "K", "nonempty", "ratio_edge_intra_class"} <= set(result)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
@@ -350,6 +352,31 @@ def test_smoke_kmeans(kmeans_run):
     result, log = check_outputs(out, 2)
     assert result["K"] == 10 and log[0]["num_clusters"] == 100
     assert "final" in r.stdout
+
+
+def test_final_evaluation_rows_and_top_layer_input(monkeypatch, tmp_path):
+    """Three k = #classes evaluations: pre-ReLU descriptors, the same after the ReLU (the top layer's input) and the
+    conv features; predictions.csv holds the clusters of the second."""
+    torch.manual_seed(0)
+    model = dc.DeepClusterNet("small", 1, True)
+    images = torch.randint(0, 256, (60, 1, 16, 16), dtype=torch.uint8)
+    ds = type("DS", (), {"labels": torch.arange(60) % 3})()
+    seen, real = [], dc.kmeans_evaluation
+
+    def spy(feats, target, k):
+        seen.append(feats.clone())
+        return real(feats, target, k)
+    monkeypatch.setattr(dc, "kmeans_evaluation", spy)
+    args = type("A", (), {"out_dir": str(tmp_path)})()
+    rows = dc.final_evaluation(args, model, ds, images, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 3)
+    assert [r["features"] for r in rows] == ["descriptors", "top_layer_input", "conv"]
+    desc = dc.extract_features(model, images, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    assert torch.equal(seen[0], desc) and (desc < 0).any()
+    assert torch.equal(seen[1], desc.clamp(min=0))
+    assert seen[2].shape == (60, 128 * 9)
+    clusters = [int(line.split(",")[1]) for line in open(tmp_path / "predictions.csv").read().splitlines()[1:]]
+    expected, _, _ = real(desc.clamp(min=0), ds.labels, 3)
+    assert clusters == expected.tolist()
 
 
 def test_smoke_pic(tmp_path):
@@ -406,3 +433,23 @@ def test_bad_checkpoint_exits_2(kmeans_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         dc.main(QUICK + ["--no-sobel", "--out-dir", str(tmp_path)])
     assert e.value.code == 2 and "another configuration" in capsys.readouterr().err
+
+
+def test_after_relu_clusters_the_top_layer_input_and_old_checkpoints_load(tmp_path):
+    torch.manual_seed(0)
+    model = dc.DeepClusterNet("small", 1, True)
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
+    mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    pre = dc.extract_features(model, images, mean, std)
+    post = dc.extract_features(model, images, mean, std, after_relu=True)
+    assert (pre < 0).any() and torch.equal(post, pre.clamp(min=0))
+    conv = dc.extract_features(model, images, mean, std, conv=True, after_relu=True)
+    assert torch.equal(conv, dc.extract_features(model, images, mean, std, conv=True))  # conv rows unaffected
+    # a checkpoint written before --after-relu existed is the default (before the ReLU), not another configuration
+    args = dc.parse_args(QUICK + ["--out-dir", str(tmp_path)])
+    saved = {k: getattr(args, k) for k in dc.CONFIG_KEYS if k != "after_relu"}
+    torch.save(dict(model={}, optimizer={}, epoch=1, labels=None, args=saved), tmp_path / "checkpoint.pt")
+    assert dc.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)["epoch"] == 1
+    args.after_relu = True
+    with pytest.raises(dc.UsageError, match="after-relu"):
+        dc.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)
