@@ -63,6 +63,7 @@ def parse_args(argv=None):
     a("--pretext-lr", type=float, default=0.4, help="SimCLR SGD learning rate (cosine decay to lr * 0.1^3)")
     a("--pretext-wd", type=float, default=1e-4, help="SimCLR weight decay")
     a("--temperature", type=float, default=0.1, help="NT-Xent temperature")
+    a("--crop-min", type=float, default=0.2, help="SimCLR RandomResizedCrop: smallest crop area fraction (SCAN's: 0.2)")
     a("--scan-epochs", type=int, default=None, help="SCAN epochs (paper: 50 cifar10, 100 cifar20/stl10)")
     a("--scan-batch-size", type=int, default=None, help="SCAN batch size (paper: 128, 512 for cifar20)")
     a("--scan-lr", type=float, default=1e-4, help="SCAN Adam learning rate")
@@ -206,9 +207,9 @@ def normalize(x, mean, std):
     return x.sub(torch.tensor(mean, device=x.device).view(1, -1, 1, 1)).div_(torch.tensor(std, device=x.device).view(1, -1, 1, 1))
 
 
-def simclr_augment(images, mean, std):
+def simclr_augment(images, mean, std, crop_min=0.2):
     """SimCLR's augmentation of a uint8 batch [B, C, H, W] -> normalised float. Colour ops skip 1-channel images."""
-    x = random_resized_crop_flip(images.float().div_(255), scale=(0.2, 1.0))
+    x = random_resized_crop_flip(images.float().div_(255), scale=(crop_min, 1.0))
     x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, grayscale_p=0.2)            # + RandomGrayscale(0.2)
     return normalize(x, mean, std)
 
@@ -538,7 +539,7 @@ def log_jsonl(out_dir, row):
 # Arguments that change what a stage computes: a checkpoint made with other values is refused (use --restart).
 STAGE_KEYS = {
     "pretext": ["dataset", "train_split", "image_size", "subset", "arch", "width", "seed", "pretext_epochs",
-                "pretext_batch_size", "pretext_lr", "pretext_wd", "temperature"],
+                "pretext_batch_size", "pretext_lr", "pretext_wd", "temperature", "crop_min"],
     "mine": ["num_neighbors"],
     "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "entropy_weight", "update_head_only",
              "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b", "weight_decay"],
@@ -654,7 +655,7 @@ def run_pretext(args, train, test, in_ch):
 
     def batch_loss(idx):
         imgs = train.images[idx]
-        v1, v2 = simclr_augment(imgs, train.mean, train.std), simclr_augment(imgs, train.mean, train.std)
+        v1, v2 = (simclr_augment(imgs, train.mean, train.std, args.crop_min) for _ in range(2))
         z = fmodel(torch.cat([v1, v2]))                                        # [2B, 128]
         return nt_xent(z[:len(idx)], z[len(idx):], args.temperature)
 
@@ -817,7 +818,8 @@ def check_args(args, train):
             (min(args.num_heads, args.pretext_epochs, args.scan_epochs, args.pretext_batch_size, args.scan_batch_size,
                  args.selflabel_batch_size) < 1, "--num-heads, epochs and batch sizes must be at least 1."),
             (args.selflabel_epochs < 0 or not 0 < args.confidence_threshold < 1,
-             "--selflabel-epochs must be >= 0 and --confidence-threshold in (0, 1).")]:
+             "--selflabel-epochs must be >= 0 and --confidence-threshold in (0, 1)."),
+            (not 0 < args.crop_min <= 1, f"--crop-min must be in (0, 1] (got {args.crop_min}).")]:
         if bad:
             raise ScanError(message)
 

@@ -280,6 +280,7 @@ def test_quick_run_killed_and_resumed(tmp_path):
     (["--dataset", "synthetic", "--quick", "--num-clusters", "1"], "--num-clusters"),
     (["--dataset", "synthetic", "--quick", "--subset", "30", "--num-neighbors", "30"], "--num-neighbors"),
     (["--dataset", "synthetic", "--quick", "--subset", "30", "--num-clusters", "31"], "more than the 30"),
+    (["--dataset", "synthetic", "--quick", "--crop-min", "0"], "--crop-min"),
 ])
 def test_bad_input_exits_2(args, message, tmp_path):
     res = run_scan(*args, "--out-dir", str(tmp_path / "bad"))
@@ -301,3 +302,14 @@ def test_non_finite_loss_names_epoch_step_and_checkpoint():
     scan.check_finite(torch.tensor(1.0), "scan", 3, 7, args)                  # finite: nothing happens
     with pytest.raises(FloatingPointError, match=r"scan loss at epoch 3 step 7.*/some/run/scan.pt"):
         scan.check_finite(torch.tensor(float("nan")), "scan", 3, 7, args)
+
+
+def test_simclr_crop_min_sets_the_smallest_crop_area(monkeypatch):
+    seen = []
+    real = scan.random_resized_crop_flip
+    monkeypatch.setattr(scan, "random_resized_crop_flip", lambda x, scale, **kw: seen.append(scale) or real(x, scale, **kw))
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    scan.simclr_augment(images, (0.5,), (0.25,))
+    scan.simclr_augment(images, (0.5,), (0.25,), crop_min=0.6)
+    assert seen == [(0.2, 1.0), (0.6, 1.0)]
+    assert "crop_min" in scan.STAGE_KEYS["pretext"]  # a pretext made with another crop is not silently reused
