@@ -888,7 +888,8 @@ def main(argv=None):
             for m in models:
                 m.eval()                                                       # BN statistics, not the batch's
             train_probs = torch.stack([predict(m, train.images, train.mean, train.std)[h].softmax(1) for m, h in zip(models, heads)])
-            kept = keep_member(train_probs.argmax(2).cpu().numpy(), [info["scan_eval_loss"] for info in infos])
+            member_losses = [info["scan_eval_loss"] for info in infos]
+            kept = keep_member(train_probs.argmax(2).cpu().numpy(), member_losses)
             test_probs = [predict(m, test.images, test.mean, test.std)[h].softmax(1) for m, h in zip(models, heads)]
             row = {"iteration": it, "kept_member": kept, **evaluate_clusters(test_probs[kept], test.labels, test.classes,
                                                                                f"iteration {it} (member {kept})")}
@@ -898,6 +899,8 @@ def main(argv=None):
             if confident.any() and (train.labels >= 0).all():                  # their accuracy (labels only reported)
                 row["train_confident_acc"] = float(metrics.cluster_acc(train_probs[kept].argmax(1)[confident].cpu().numpy(),
                                                                        train.labels[confident].cpu().numpy()))
+            if E > 1:  # label-free, logged so that other keep rules can be compared on finished runs
+                row["member_scan_eval_loss"] = member_losses
             if E > 1 and (test.labels >= 0).any():
                 row["member_acc"] = [float(metrics.cluster_acc(p.argmax(1).cpu().numpy(), test.labels.cpu().numpy()))
                                      for p in test_probs]

@@ -275,6 +275,7 @@ def test_smoke_profeat_e_two_members(tmp_path):
     rows = results(out)
     assert [r["iteration"] for r in rows] == [1, 2]
     assert len(rows[-1]["member_acc"]) == 2 and rows[-1]["kept_member"] in (0, 1)
+    assert rows[-1]["member_scan_eval_loss"][rows[-1]["kept_member"]] == rows[-1]["scan_eval_loss"]
     assert os.path.exists(os.path.join(out, "it002_m1_finetune.pt"))
     assert rows[-1]["kept_images"] >= 0 and rows[-1]["acc"] > 0.2
 
