@@ -13,7 +13,8 @@ DeepCluster, Caron et al., ECCV 2018): Algorithm 1 (and 2), Sec. 3.2-3.3, 4.1-4.
 This file holds everything the method needs: Sobel input, batched augmentation, the network, PCA-whitening, k-means
 (torch, faiss' empty-cluster rule), PIC (sparse torch power iteration + vectorised pointer jumping), the uniform
 cluster sampler, the training loop and the evaluation (k-means with k = #classes on the test split's pre-ReLU
-descriptors, on the network's output after the ReLU, i.e. the top layer's input, and on the conv features). Shared, algorithm-free helpers: data.py, knn.py, metrics.py.
+descriptors, on the network's output after the ReLU, i.e. the top layer's input, and on the conv features).
+Shared, algorithm-free helpers: data.py, knn.py, metrics.py.
 
     python deepcluster.py --dataset synthetic --quick                      # a few minutes on a laptop CPU
     python deepcluster.py --dataset cifar10 --clustering pic --device cuda
@@ -558,7 +559,8 @@ def final_evaluation(args, model, ds, images, mean, std, num_classes):
     tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
     torchvision.utils.save_image(torch.cat(protos), tmp, nrow=8, padding=1)
     os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
-    return [dict(features="descriptors", **head), dict(features="top_layer_input", **top_input), dict(features="conv", **conv)]
+    return [dict(features="descriptors", **head), dict(features="top_layer_input", **top_input),
+            dict(features="conv", **conv)]
 
 
 # ---------------------------------------------------------------------------------------------------- main
