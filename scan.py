@@ -546,6 +546,7 @@ STAGE_KEYS = {
     "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold"],
 }
 STAGES = list(STAGE_KEYS)
+ADDED_LATER = {"crop_min": 0.2}  # settings added after checkpoints were made, with the value those checkpoints used
 
 
 def stage_config(args, stage):  # this stage's settings and those of every stage before it
@@ -564,8 +565,9 @@ def load_stage(args, stage):
     except Exception as e:
         raise ScanError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It is corrupted or not a scan.py "
                         f"checkpoint; delete it, pass --restart, or choose another --out-dir.")
-    if ckpt["config"] != stage_config(args, stage):
-        diff = {k: (ckpt["config"].get(k), v) for k, v in stage_config(args, stage).items() if ckpt["config"].get(k) != v}
+    saved = {**ADDED_LATER, **ckpt["config"]}   # checkpoints from before a setting existed used its old behaviour
+    diff = {k: (saved.get(k), v) for k, v in stage_config(args, stage).items() if saved.get(k) != v}
+    if diff:
         raise ScanError(f"The checkpoint {path} was made with another configuration (saved vs now: {diff}). "
                         f"Pass --restart to recompute, or choose another --out-dir.")
     return ckpt

@@ -313,3 +313,13 @@ def test_simclr_crop_min_sets_the_smallest_crop_area(monkeypatch):
     scan.simclr_augment(images, (0.5,), (0.25,), crop_min=0.6)
     assert seen == [(0.2, 1.0), (0.6, 1.0)]
     assert "crop_min" in scan.STAGE_KEYS["pretext"]  # a pretext made with another crop is not silently reused
+
+
+def test_checkpoint_from_before_crop_min_loads_with_the_old_crop(tmp_path):
+    args = scan.parse_args(["--dataset", "synthetic", "--quick", "--out-dir", str(tmp_path)])
+    old = {k: v for k, v in scan.stage_config(args, "pretext").items() if k != "crop_min"}
+    torch.save({"config": old, "epoch": 5}, tmp_path / "pretext.pt")
+    assert scan.load_stage(args, "pretext")["epoch"] == 5                  # made with 0.2, the default
+    args.crop_min = 0.5
+    with pytest.raises(scan.ScanError, match="another configuration"):
+        scan.load_stage(args, "pretext")
