@@ -627,6 +627,7 @@ CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset"
                "lr_min", "wd", "temperature", "num_neighbors", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr",
                "entropy_weight", "carry_h", "finetune", "finetune_epochs", "finetune_batch_size", "finetune_lr", "t_f",
                "weight_decay", "seed"]
+ADDED_LATER = {"carry_h": False}  # settings added after checkpoints were made, with the value those checkpoints used
 
 
 def load_checkpoint(args, path):
@@ -639,9 +640,9 @@ def load_checkpoint(args, path):
     except Exception as e:
         raise ProFeatError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It is corrupted or not a "
                            f"profeat.py checkpoint; delete it, pass --restart, or choose another --out-dir.")
-    config = {k: getattr(args, k) for k in CONFIG_KEYS}
-    if ckpt["config"] != config:
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+    saved = {**ADDED_LATER, **ckpt["config"]}   # checkpoints from before a setting existed used its old behaviour
+    diff = {k: (saved.get(k), getattr(args, k)) for k in CONFIG_KEYS if saved.get(k) != getattr(args, k)}
+    if diff:
         raise ProFeatError(f"The checkpoint {path} was made with another configuration (saved vs now: {diff}). "
                            f"Pass --restart to recompute, or choose another --out-dir.")
     return ckpt

@@ -300,6 +300,16 @@ def test_resume_between_iterations_gives_the_same_run(profeat_s_run, tmp_path):
     assert "it002_m0_scan" in new
 
 
+def test_checkpoint_from_before_carry_h_loads_with_no_carry_h_only(tmp_path):
+    args = profeat.parse_args(TINY + ["--out-dir", str(tmp_path)])
+    old = {k: getattr(args, k) for k in profeat.CONFIG_KEYS if k != "carry_h"}   # made before the flag existed
+    torch.save({"config": old, "model": {}, "epoch": 3}, tmp_path / "it001_m0_scan.pt")
+    with pytest.raises(profeat.ProFeatError, match="another configuration"):    # default --carry-h: not what it did
+        profeat.load_checkpoint(args, str(tmp_path / "it001_m0_scan.pt"))
+    args.carry_h = False                                                        # what those checkpoints did
+    assert profeat.load_checkpoint(args, str(tmp_path / "it001_m0_scan.pt"))["epoch"] == 3
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--dataset", "no-such-set"], "Unknown dataset"),
     (["--num-clusters", "1"], "--num-clusters"),
