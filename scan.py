@@ -234,7 +234,7 @@ def equalize(x):
 
 
 def solarize(x, threshold):  # invert pixels >= threshold [B] (threshold 1 + 1/255 = identity)
-    return torch.where(x >= _v(threshold), 1 - x, x)
+    return x + (x >= _v(threshold)) * (1 - 2 * x)                             # arithmetic: 2x faster than where on CPU
 
 
 def posterize(x, bits):  # keep the top bits [B] of the 8-bit value
@@ -243,11 +243,13 @@ def posterize(x, bits):  # keep the top bits [B] of the 8-bit value
 
 
 def sharpness(x, f):
-    """PIL's ImageEnhance.Sharpness: blend with a 3x3 smoothed image (borders untouched)."""
-    B, C, H, W = x.shape
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device).div(13).view(1, 1, 3, 3)
+    """PIL's ImageEnhance.Sharpness: blend with the image smoothed by [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 (borders
+    untouched). The 3x3 sum is two shifted 3-sums (separable): on a CPU a conv2d is 3x slower, and slower still at
+    each new batch size (oneDNN builds a kernel per shape, and the subset that draws this op changes size every call)."""
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]                         # [B, C, H-2, W] vertical 3-sums
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]                     # [B, C, H-2, W-2] 3x3 sums
     smooth = x.clone()
-    smooth[:, :, 1:-1, 1:-1] = F.conv2d(x.reshape(B * C, 1, H, W), kernel).view(B, C, H - 2, W - 2)
+    smooth[:, :, 1:-1, 1:-1] = (box + 4 * x[:, :, 1:-1, 1:-1]) / 13
     return blend(x, smooth, f)
 
 
@@ -271,7 +273,7 @@ def affine_matrix(op, u):
 # The 14 ops of SCAN's "strong" augmentation (SCAN's augment.py). Pixel ops map a magnitude u in [0, 1] to their range;
 # the 5 geometric ops (rotate, shear x/y, translate x/y) share one warp, see affine_matrix.
 PIXEL_OPS = [
-    lambda x, u: x,                                                            # identity
+    None,                                                                      # identity: nothing to compute
     lambda x, u: autocontrast(x),
     lambda x, u: equalize(x),
     lambda x, u: solarize(x, u * 256 / 255),                                   # threshold 0..256 of 255
@@ -289,7 +291,7 @@ def apply_chosen_op(x, choice, magnitude, ops):
     out = x.clone()
     for k, op in enumerate(ops):
         idx = (choice == k).nonzero().squeeze(1)
-        if idx.numel():
+        if op is not None and idx.numel():                                     # None: the identity
             out[idx] = op(x[idx], magnitude[idx])
     return out
 
@@ -309,9 +311,8 @@ def cutout(x, max_frac=0.5):
 def strong_augment(images, mean, std, num_ops=4):
     """SCAN's strong augmentation of a uint8 batch [B, C, H, W] -> normalised float: flip, num_ops ops drawn with
     replacement from the 14 with a uniform random magnitude each, normalise, Cutout."""
-    x = images.float() / 255
-    B, dev = x.shape[0], x.device
-    x = torch.where(_v(torch.rand(B, device=dev) < 0.5), x.flip(3), x)
+    B, dev = images.shape[0], images.device
+    x = torch.where(_v(torch.rand(B, device=dev) < 0.5), images.flip(3), images).float() / 255  # flip on uint8: 4x less memory
     for _ in range(num_ops):
         op, u = torch.randint(0, NUM_STRONG_OPS, (B,), device=dev), torch.rand(B, device=dev)
         geometric = op >= len(PIXEL_OPS)

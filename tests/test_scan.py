@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -196,6 +196,9 @@ def test_pixel_ops_match_pil():
     assert torch.allclose(scan.autocontrast(x), back([ImageOps.autocontrast(im) for im in pil]), atol=1.5 / 255)
     assert torch.allclose(scan.posterize(x, torch.full((6,), 5.0)), back([ImageOps.posterize(im, 5) for im in pil]), atol=1e-6)
     assert torch.allclose(scan.solarize(x, torch.full((6,), 100 / 255)), back([ImageOps.solarize(im, 100) for im in pil]), atol=1e-6)
+    for f in [0.0, 0.5]:                                                       # 0: PIL's SMOOTH filter itself
+        pil_sharp = back([ImageEnhance.Sharpness(im).enhance(f) for im in pil])
+        assert torch.allclose(scan.sharpness(x, torch.full((6,), f)), pil_sharp, atol=1.5 / 255)
     # a 90-degree rotation by grid_sample is exact on pixel centres (PIL rotates counter-clockwise)
     rot = scan.affine(x, scan.affine_matrix(torch.zeros(6, dtype=torch.long), torch.full((6,), 2.0)))  # u=2: 90 deg
     assert torch.allclose(rot, back([im.rotate(90) for im in pil]), atol=1e-4)
