@@ -760,8 +760,12 @@ def run_selflabel(args, scan_model, best_head, train, test):
         n_conf = sum(n for n, _ in confident)
         row.update(confident=n_conf, confident_frac=n_conf / sum(b for _, b in confident))
         confident.clear()
+        if (test.labels >= 0).any():                                           # reported only, never used to choose
+            pred = predict(model, test.images, test.mean, test.std)[0].argmax(1).cpu()
+            row["test_acc"] = float(metrics.cluster_acc(pred.numpy(), test.labels.cpu().numpy()))
         print(f"[selflabel] epoch {epoch + 1}/{args.selflabel_epochs} loss {row['loss']:.4f} confident {n_conf} "
-              f"({row['confident_frac']:.3f}) {row['images_per_s']:.0f} img/s", flush=True)
+              f"({row['confident_frac']:.3f}) test_acc {row.get('test_acc', float('nan')):.4f} "
+              f"{row['images_per_s']:.0f} img/s", flush=True)
         return {}
     return model, train_stage(args, "selflabel", model, opt, args.selflabel_epochs, args.selflabel_batch_size,
                               len(train.images), batch_loss, end_epoch)

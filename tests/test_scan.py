@@ -265,6 +265,8 @@ def test_quick_run_killed_and_resumed(tmp_path):
     assert os.path.getsize(os.path.join(out, "prototypes.png")) > 1000
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert {r["epoch"] for r in log if r["stage"] == "pretext"} == {1, 2, 3, 4, 5}
+    last_selflabel = [r for r in log if r["stage"] == "selflabel"][-1]      # per-epoch test ACC of the final model
+    assert last_selflabel["test_acc"] == pytest.approx(results["rows"][-1]["acc"], abs=1e-6)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     # same seed, same device: an uninterrupted run gives exactly the same results as the killed + resumed one
     fresh = run_scan("--dataset", "synthetic", "--quick", "--out-dir", str(tmp_path / "fresh"))
