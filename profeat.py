@@ -224,9 +224,9 @@ def normalize(x, mean, std):
     return x.sub(torch.tensor(mean, device=x.device).view(1, -1, 1, 1)).div_(torch.tensor(std, device=x.device).view(1, -1, 1, 1))
 
 
-def simclr_augment(images, mean, std):
+def simclr_augment(images, mean, std, crop_min=0.2):
     """SimCLR's augmentation of a uint8 batch [B, C, H, W] -> normalised float. Colour ops skip 1-channel images."""
-    x = random_resized_crop_flip(images.float().div_(255), scale=(0.2, 1.0))
+    x = random_resized_crop_flip(images.float().div_(255), scale=(crop_min, 1.0))
     x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, grayscale_p=0.2)            # + RandomGrayscale(0.2)
     return normalize(x, mean, std)
 

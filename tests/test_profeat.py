@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import profeat
+import scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run: --quick on 16x16 synthetic images, 300 of them (a few seconds; one thread: on a busy machine more
@@ -31,6 +32,19 @@ def run(args, check=True):
 def results(out_dir):
     with open(os.path.join(out_dir, "results.json")) as f:
         return json.load(f)["rows"]
+
+
+@pytest.mark.parametrize("name", ["simclr_augment", "strong_augment", "plain"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augmentations_are_identical_to_scans(name, channels):
+    """profeat.py keeps its own copies (SPEC 1); they must draw and compute exactly what scan.py's do."""
+    images = torch.randint(0, 256, (64, channels, 16, 16), dtype=torch.uint8)
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    outs = []
+    for module in (scan, profeat):
+        torch.manual_seed(3)
+        outs.append(getattr(module, name)(images, mean, std))
+    assert torch.equal(outs[0], outs[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
