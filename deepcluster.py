@@ -20,6 +20,7 @@ Shared, algorithm-free helpers: data.py, knn.py, metrics.py.
     python deepcluster.py --dataset cifar10 --clustering pic --device cuda
 """
 import argparse
+import ctypes
 import csv
 import json
 import math
@@ -564,6 +565,18 @@ def final_evaluation(args, model, ds, images, mean, std, num_classes):
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def keep_freed_memory():
+    """CPU speed, Linux only: glibc's malloc hands large freed blocks back to the OS, so every step's fresh multi-MB
+    tensors page-fault in again. Keep freed memory in the process instead (as MALLOC_MMAP_THRESHOLD_=256M
+    MALLOC_TRIM_THRESHOLD_=1G would). On our 2-core CPU: batched augmentation ~2x, SimCLR training ~10% faster
+    (README). A no-op without glibc (macOS, Windows, musl). Returns whether it took effect."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, 256 << 20)) and bool(mallopt(-1, 1 << 30))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -574,6 +587,7 @@ def pick_device(name):
 
 
 def run(args):
+    keep_freed_memory()
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -15,6 +15,7 @@ Usage: python scan.py --dataset cifar10 --device cuda          (paper settings)
        python scan.py --dataset synthetic --quick              (whole pipeline in seconds on a CPU)
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -114,12 +115,15 @@ def _v(t):  # per-image scalar [B] -> broadcastable [B, 1, 1, 1]
 
 def affine(x, theta, padding_mode="zeros"):
     """Warp each image by its own 2x3 matrix theta [B, 2, 3] (output coords -> input coords, both in [-1, 1], pixel
-    centres as affine_grid(align_corners=False)); the grid is built by broadcasting, cheaper than affine_grid's bmm."""
+    centres as affine_grid(align_corners=False)). The grid is built by broadcasting and written in place: on a CPU
+    2.7x cheaper than torch.stack of the two coordinates and 6x cheaper than affine_grid's bmm (512 images, 32x32)."""
     B, C, H, W = x.shape
     xs = ((torch.arange(W, device=x.device) * 2 + 1) / W - 1).view(1, 1, W)
     ys = ((torch.arange(H, device=x.device) * 2 + 1) / H - 1).view(1, H, 1)
     t = theta.view(B, 6, 1, 1)
-    grid = torch.stack([t[:, 0] * xs + t[:, 1] * ys + t[:, 2], t[:, 3] * xs + t[:, 4] * ys + t[:, 5]], dim=3)  # [B, H, W, 2]
+    grid = torch.empty(B, H, W, 2, device=x.device)                            # input (x, y) of every output pixel
+    torch.add(t[:, 0] * xs + t[:, 2], t[:, 1] * ys, out=grid[..., 0])
+    torch.add(t[:, 3] * xs + t[:, 5], t[:, 4] * ys, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
@@ -796,6 +800,18 @@ def write_results(args, rows):
 
 
 # ---- 7. main ---------------------------------------------------------------------------------------------------
+def keep_freed_memory():
+    """CPU speed, Linux only: glibc's malloc hands large freed blocks back to the OS, so every step's fresh multi-MB
+    tensors page-fault in again. Keep freed memory in the process instead (as MALLOC_MMAP_THRESHOLD_=256M
+    MALLOC_TRIM_THRESHOLD_=1G would). On our 2-core CPU: batched augmentation ~2x, SimCLR training ~10% faster
+    (README). A no-op without glibc (macOS, Windows, musl). Returns whether it took effect."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, 256 << 20)) and bool(mallopt(-1, 1 << 30))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
 def pick_device(name):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
@@ -834,6 +850,7 @@ def check_args(args, train):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        keep_freed_memory()
         args.device = pick_device(args.device)
         torch.set_num_threads(args.threads or torch.get_num_threads())
         if args.device == "cuda":

@@ -6,6 +6,7 @@ The PIL side is what the reference implementation runs per image in its DataLoad
 
     python bench/augment.py                    # 32x32 RGB, batch 512, torch threads 1
     python bench/augment.py --channels 1 --size 28
+    python bench/augment.py --default-malloc   # without scan.keep_freed_memory(): glibc's malloc defaults
 """
 import argparse
 import os
@@ -83,7 +84,9 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (PIL side: one process)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; the best of each side is kept")
+    p.add_argument("--default-malloc", action="store_true", help="skip scan.keep_freed_memory() (glibc's defaults)")
     args = p.parse_args()
+    kept = not args.default_malloc and scan.keep_freed_memory()               # what scan.py's main() does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     random.seed(0)
@@ -106,7 +109,7 @@ def main():
             ours = max(ours, rate_batched(ours_fn, images, args.batch, args.seconds))
         rows.append((name, pil, ours))
     print(f"{args.size}x{args.size}x{args.channels}, batch {args.batch}, torch threads {args.threads}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, keep_freed_memory {'on' if kept else 'off'}")
     print(f"| augmentation | PIL per image (img/s) | batched scan.py (img/s) | ratio |")
     print(f"|---|---:|---:|---:|")
     for name, pil, ours in rows:

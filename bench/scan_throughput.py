@@ -27,7 +27,9 @@ def main():
     p.add_argument("--heads", type=int, default=10)
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage (after one warm-up step)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--default-malloc", action="store_true", help="skip scan.keep_freed_memory() (glibc's defaults)")
     args = p.parse_args()
+    kept = not args.default_malloc and scan.keep_freed_memory()               # what scan.py's main() does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ns = argparse.Namespace(arch=args.arch, width=args.width, dataset="bench")
@@ -63,7 +65,8 @@ def main():
             sopt.zero_grad(), loss.backward(), sopt.step()
         return 2 * B                                                           # one forward + one forward/backward
 
-    print(f"{args.arch} {args.size}x{args.size}x{args.channels}, batch {B}, threads {args.threads}, torch {torch.__version__}")
+    print(f"{args.arch} {args.size}x{args.size}x{args.channels}, batch {B}, threads {args.threads}, torch {torch.__version__}, "
+          f"keep_freed_memory {'on' if kept else 'off'}")
     print("| stage | images/s |")
     print("|---|---:|")
     for name, step in [("pretext (SimCLR)", pretext), ("scan", scan_step), ("selflabel", selflabel)]:

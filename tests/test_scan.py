@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_scan.py -q
 """
+import inspect
 import json
 import math
 import os
@@ -187,6 +188,15 @@ def test_augment_identity_at_zero_magnitude():
     assert torch.allclose(scan.hue_matrix(zero), torch.eye(3).expand(B, 3, 3), atol=1e-5)
 
 
+def test_affine_equals_torch_affine_grid_for_random_matrices():
+    x = torch.rand(8, 3, 12, 10)
+    theta = torch.randn(8, 2, 3) * 0.5 + torch.tensor([[1.0, 0, 0], [0, 1, 0]])
+    for padding in ["zeros", "border"]:
+        reference = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode=padding,
+                                  align_corners=False)
+        assert torch.allclose(scan.affine(x, theta, padding), reference, atol=1e-5)
+
+
 def test_pixel_ops_match_pil():
     x8 = images(6, 3, 16, seed=4)
     x = x8.float() / 255
@@ -328,3 +338,26 @@ def test_checkpoint_from_before_crop_min_loads_with_the_old_crop(tmp_path):
     args.crop_min = 0.5
     with pytest.raises(scan.ScanError, match="another configuration"):
         scan.load_stage(args, "pretext")
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_and_is_a_no_op_without_glibc(monkeypatch):
+    if sys.platform.startswith("linux"):
+        assert scan.keep_freed_memory() is True                               # the real call: mallopt accepted both
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+    monkeypatch.setattr(scan.ctypes, "CDLL", lambda name: FakeLibc())
+    assert scan.keep_freed_memory() is True
+    assert calls == [(-3, 256 << 20), (-1, 1 << 30)]                          # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(scan.ctypes, "CDLL", no_glibc)
+    assert scan.keep_freed_memory() is False
+    import deepcluster
+    import profeat
+    for module in (deepcluster, profeat):                                      # the scripts' copies are identical
+        assert inspect.getsource(module.keep_freed_memory) == inspect.getsource(scan.keep_freed_memory)
