@@ -2,12 +2,12 @@
 
 `load_dataset(name, root, split)` returns a `Dataset` tuple: `images` uint8 [N, C, H, W], `labels` int64 [N] (-1 where
 unknown), `classes`, and per-channel `mean`/`std` in [0, 1] for normalisation. Everything is read into memory at once
-(CIFAR-10 is 150 MB), so training loops index batches from one tensor instead of running a DataLoader.
+(CIFAR-10 is 150 MB): training loops index batches from one tensor, no DataLoader. `load_image_files` reads new images.
 
 The on-disk formats are read here directly (CIFAR python pickles, STL-10 binaries, MNIST idx files): torchvision's
-classes verify md5 sums of the full files and loop over PIL images, both of which we skip. torchvision only downloads
-a dataset that is missing (it writes exactly these formats). Without the files and without network, `DataError` is
-raised with a one-paragraph message; scripts print it and exit with status 2.
+classes verify md5 sums of the full files and loop over PIL images, both of which we skip; it only downloads a missing
+dataset (in exactly these formats). Without the files and without network, `DataError` is raised with a one-paragraph
+message; scripts print it and exit with status 2.
 """
 import gzip
 import math
@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 
 class DataError(Exception):
@@ -41,6 +40,9 @@ STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
          "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
          "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
          "mnist": ((0.1307,), (0.3081,)), "fashion-mnist": ((0.2860,), (0.3530,))}
+MNIST_CLASSES = [f"{d} - {w}" for d, w in enumerate("zero one two three four five six seven eight nine".split())]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -56,6 +58,7 @@ def load_dataset(name, root="./data", split="train", image_size=None, download=T
         raise DataError(f"Dataset '{name}' has no split '{split}'; choose one of: {', '.join(splits)}.")
     if synthetic_args and name != "synthetic":
         raise DataError(f"Options {sorted(synthetic_args)} only apply to the 'synthetic' dataset, not to '{name}'.")
+    _check_image_size(64 if image_size is None else image_size)
     if name == "synthetic":
         return make_synthetic(split=split, image_size=image_size or 32, **synthetic_args)
     if name.startswith("imagefolder:"):
@@ -67,11 +70,16 @@ def load_dataset(name, root="./data", split="train", image_size=None, download=T
     return Dataset(images, labels, classes, *STATS[name])
 
 
+def _check_image_size(size):  # an int of at least 8 (False and True are below 8 too)
+    if not isinstance(size, (int, np.integer)) or size < 8:
+        raise DataError(f"The image size must be at least 8 pixels (got {size!r}); set --image-size to e.g. 32 or 64.")
+
+
 def _fetch(name, root, split, where, download, how_to):
     """The files are missing: let torchvision download them (it writes the formats read below), or explain."""
     reason = "downloading is switched off"
     if download:
-        tv = torchvision.datasets
+        import torchvision.datasets as tv  # imported only here: it takes seconds (torch._dynamo)
         cls = {"cifar10": tv.CIFAR10, "cifar20": tv.CIFAR100, "cifar100": tv.CIFAR100, "stl10": tv.STL10,
                "mnist": tv.MNIST, "fashion-mnist": tv.FashionMNIST}[name]
         try:
@@ -102,9 +110,8 @@ def _read_cifar(name, root, split, download):
     files = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if ten else [split]
     files.append("batches.meta" if ten else "meta")
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
-        url = f"https://www.cs.toronto.edu/~kriz/cifar-{'10' if ten else '100'}-python.tar.gz"
-        how = f"download {url} and extract it into {os.path.abspath(root)}"
-        _fetch(name, root, split, os.path.abspath(folder), download, how)
+        _fetch(name, root, split, os.path.abspath(folder), download, "download https://www.cs.toronto.edu/~kriz/"
+               f"cifar-{'10' if ten else '100'}-python.tar.gz and extract it into {os.path.abspath(root)}")
     *batches, meta = [_unpickle(os.path.join(folder, f)) for f in files]
     label_key, names_key = {"cifar10": ("labels", "label_names"), "cifar100": ("fine_labels", "fine_label_names"),
                             "cifar20": ("coarse_labels", "coarse_label_names")}[name]
@@ -166,7 +173,7 @@ def _read_mnist(name, root, split, download):
     images, labels = _read_idx(images_path), _read_idx(labels_path)
     if images.dim() != 3 or labels.shape != images.shape[:1]:
         raise DataError(f"{images_path} {tuple(images.shape)} and {labels_path} {tuple(labels.shape)} do not match.")
-    classes = (torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST).classes
+    classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
     return images.unsqueeze(1), labels.long(), list(classes)
 
 
@@ -174,45 +181,78 @@ def _read_mnist(name, root, split, download):
 def _load_image_folder(path, split, image_size):
     """One sub-folder per class (labels by sorted folder name, images searched recursively) or all images in the folder
     itself (labels -1, no classes). With `train/` and `test/` sub-folders, `split` picks one; otherwise both splits
-    are the whole folder (clustering is evaluated on the images it clusters). Each image: RGB, shorter side resized
-    to `image_size`, centre-cropped square."""
+    are the whole folder (clustering is evaluated on the images it clusters). Images are read as `_read_image` says."""
     if not os.path.isdir(path):
-        raise DataError(f"Image folder '{path}' does not exist (dataset 'imagefolder:{path}').")
+        raise DataError(f"'{path}' is a file, not a folder: imagefolder:PATH takes a folder of images (one sub-folder "
+                        "per class, or all in one folder); classify a single image with a trained model by the scripts'"
+                        " --predict." if os.path.exists(path) else
+                        f"Image folder '{path}' does not exist; check the path given after 'imagefolder:'.")
     roots = [os.path.join(path, s) for s in ("train", "test")]
     folder, roots = (os.path.join(path, split), roots) if all(map(os.path.isdir, roots)) else (path, [path])
     subdirs = lambda d: {e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith(".")}
     classes = sorted(set().union(*map(subdirs, roots)))  # the same class indices in train and test
-    is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-    files, labels = [], []
-    for label, sub in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, sub)):
-            dirnames.sort()  # deterministic order
-            found = [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
-            files.extend(found)
-            labels.extend([label] * len(found))
-    if not classes:
-        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_image(f)]
-        labels = [-1] * len(files)
+    found = [(f, i) for i, c in enumerate(classes) for f in _find_images(os.path.join(folder, c))] if classes else [
+        (f, -1) for f in _find_images(folder)]
+    if not found:
+        raise DataError(f"Image folder '{folder}' contains no images ({', '.join(IMAGE_EXTENSIONS)} files, in the "
+                        "folder itself or in one sub-folder per class); add images or give another folder.")
+    images = _read_images([f for f, _ in found], image_size)
+    return Dataset(images, torch.tensor([i for _, i in found]), classes, *channel_stats(images))
+
+
+def load_image_files(path, image_size, channels):
+    """New images for a trained model: `path` is one image file or a folder (searched recursively, sorted, hidden
+    files skipped). Each image is read as image folders are, then converted to `channels`, 1 or 3 (1: luma, exactly
+    by PIL's "L"; 3: grayscale repeated). Returns (uint8 [N, channels, S, S], the files)."""
+    _check_image_size(image_size)
+    if not os.path.exists(path):
+        raise DataError(f"'{path}' does not exist; give an image file or a folder of images.")
+    files = _find_images(path) if os.path.isdir(path) else [path]
     if not files:
-        raise DataError(f"Image folder '{folder}' contains no images ({', '.join(IMAGE_EXTENSIONS)} files, either in "
-                        f"the folder itself or in one sub-folder per class).")
+        raise DataError(f"Folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)} files, searched "
+                        "recursively, hidden ones skipped); add images or give another folder or an image file.")
+    images = _read_images(files, image_size, "L" if channels == 1 else None)
+    return images.expand(-1, channels, -1, -1).contiguous(), files
+
+
+def _find_images(folder):  # image files under `folder`, recursively, sorted; hidden files and folders skipped
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS) and f[0] != "."]
+    return sorted(found)
+
+
+def _read_images(files, size, mode=None):
+    """uint8 [N, C, size, size]: C = 1 when every image is grayscale, else 3 (grayscale images repeated)."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda f: _read_image(f, image_size), files))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S]
-    return Dataset(images, torch.tensor(labels, dtype=torch.long), classes, *channel_stats(images))
+        arrays = [a.reshape(size, size, -1) for a in pool.map(lambda f: _read_image(f, size, mode), files)]
+    c = max(a.shape[2] for a in arrays)
+    images = np.stack([np.broadcast_to(a, (size, size, c)) for a in arrays])  # [N, size, size, C]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-def _read_image(path, size):
+def _read_image(path, size, mode=None):
+    """uint8 [size, size] (grayscale: modes 1, L, LA, I;16, I) or [size, size, 3] (colour): 16-bit values scaled by
+    the full range (v * 255 / 65535, rounded; mode I clipped to 0..65535), palette images through their palette, CMYK
+    by PIL, images with alpha (or a transparent colour) composited over a white background. Then the shorter side is
+    resized (bicubic) to `size`, the centre cropped square and, if `mode` is given, the image converted to it."""
     from PIL import Image  # Pillow comes with torchvision
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger (fast)
-            img = img.convert("RGB")
+            img.draft(None, (size, size))  # JPEG: decode at a reduced scale when the image is much larger (fast)
+            if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I
+                v = np.asarray(img).astype(np.int64).clip(0, 65535)
+                img = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))  # rounded, mode L
+            gray = img.mode in ("1", "L", "LA", "La")
+            if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA"))
+            img = img.convert("L" if gray else "RGB")
             scale = size / min(img.size)
             w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-            img = img.resize((w, h), Image.BICUBIC)
             left, top = (w - size) // 2, (h - size) // 2
-            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+            img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+            return np.asarray(img.convert(mode) if mode else img)
     except Exception as e:
         raise DataError(f"Cannot read image {path} ({type(e).__name__}: {e}). Remove or replace the file.") from None
 

@@ -1,139 +1,173 @@
-"""DeepCluster: train a CNN on the clusters of its own features, with k-means or Power Iteration Clustering (PIC).
+"""deepcluster.py: DeepCluster, a CNN trained on the clusters of its own features (k-means or PIC), in one file.
 
-Reference: M. Caron, "Unsupervised learning of visual features by clustering" (master thesis; the method that became
-DeepCluster, Caron et al., ECCV 2018): Algorithm 1 (and 2), Sec. 3.2-3.3, 4.1-4.7. Each epoch:
+  M. Caron, P. Bojanowski, A. Joulin, M. Douze, "Deep Clustering for Unsupervised Learning of Visual Features",
+  ECCV 2018. https://arxiv.org/abs/1807.05520 (official code: facebookresearch/deepcluster)
+  M. Caron, "Unsupervised Representation Learning with Clustering in Deep Convolutional Networks", master thesis,
+  KTH Royal Institute of Technology, 2018 ("the thesis" below: Algorithms 1-2, Sec. 2.4, 3.2-3.3, 4.1-4.7).
 
-    features  = CNN(all images)                     # no augmentation, eval mode, before the head's last ReLU
-                                                    # (after it with --after-relu: Table 4.1, better for PIC)
-    desc      = L2(PCA-whiten(features, 256))       # Sec. 4.2
-    labels    = kmeans(desc) | PIC(5-NN graph(desc)) # Sec. 3.2, 2.4 / 4.6
-    top layer = new Linear, own SGD                  # Sec. 3.3: "after each epoch we re-set the last FC layer"
-    train one epoch of cross-entropy on (augment(image), label), sampling uniformly over non-empty clusters
+Each epoch, the thesis' Algorithm 1 (the paper's Sec. 3.2):
 
-This file holds everything the method needs: Sobel input, batched augmentation, the network, PCA-whitening, k-means
-(torch, faiss' empty-cluster rule), PIC (sparse torch power iteration + vectorised pointer jumping), the uniform
-cluster sampler, the training loop and the evaluation (k-means with k = #classes on the test split's pre-ReLU
-descriptors, on the network's output after the ReLU, i.e. the top layer's input, and on the conv features).
-Shared, algorithm-free helpers: data.py, knn.py, metrics.py.
+    features  = CNN(images)                           # no augmentation, eval mode, fp32, before the head's last ReLU
+    desc      = L2(PCA-whiten(features, 256))         # thesis Sec. 4.2
+    labels    = kmeans(desc) | PIC(5-NN graph(desc))  # paper Eq. (2); thesis Sec. 2.4, 4.6
+    top layer = new Linear, its own SGD               # thesis Sec. 3.3: "we re-set the last fully connected layer"
+    one epoch of cross-entropy (thesis Eq. 3.1) on (augment(image), label), sampled uniformly over the clusters
 
-    python deepcluster.py --dataset synthetic --quick                      # a few minutes on a laptop CPU
+Then the final evaluation: k-means with k = the number of classes on the test split, on three feature sets of the
+final network. Under torchrun each rank extracts the features of its share of the images, the k-NN graph is shared,
+the clustering runs on rank 0 and its labels are broadcast; each rank trains on its share of each global batch.
+
+    python deepcluster.py --dataset synthetic --quick                            # a few minutes on a laptop CPU
     python deepcluster.py --dataset cifar10 --clustering pic --device cuda
+    torchrun --standalone --nproc_per_node 4 deepcluster.py --dataset cifar10   # 4 GPUs, the same global batch
+    python deepcluster.py --predict photos/ --out-dir runs/deepcluster-cifar10-kmeans   # cluster new images
 """
-import argparse
-import ctypes
-import csv
+import signal
+import sys
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C while torch loads (seconds): quietly, status 130
+
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-from data import DataError, load_dataset
+import data
+import metrics
+import runtime
+from augment import normalize, random_resized_crop_flip
 from knn import knn
-from metrics import evaluate, nmi, ratio_edge_intra_class
+from runtime import UsageError, at_least, predict, say
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+SCRIPT, STAGE = "deepcluster.py", "deepcluster"
+
+# ---- 1. Arguments ----------------------------------------------------------------------------------------------
+# Overrides of the argparse defaults (the thesis' settings); an explicit flag wins.
+PRESETS = {"quick": dict(arch="small", epochs=3, subset=2000, test_subset=1000)}
 
 
-class UsageError(Exception):
-    """A bad argument or checkpoint; the message is meant for the user. main() prints it and exits with status 2."""
-
-
-# ---------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DeepCluster (Caron's thesis): CNN features -> PCA-whitening -> k-means "
-                                "or PIC -> train on the pseudo-labels, repeat.")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar20, cifar100, stl10, fashion-mnist, mnist, "
-                   "imagefolder:PATH or synthetic")
-    p.add_argument("--data-root", default="./data", help="where datasets are looked for / downloaded")
-    p.add_argument("--train-split", default="train", help="split to train and cluster on (stl10: e.g. train+unlabeled)")
-    p.add_argument("--eval-split", default="test", help="split for the final evaluation and predictions.csv")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this square size (default: native)")
-    p.add_argument("--out-dir", default=None, help="outputs and checkpoints (default: runs/deepcluster-DATASET-CLUSTERING)")
-    p.add_argument("--clustering", default="kmeans", choices=["kmeans", "pic"], help="k-means (Sec. 3.2) or PIC (Sec. 4.6)")
-    p.add_argument("--num-clusters", type=int, default=None, help="k for k-means (default: 10x the number of classes); "
-                   "PIC finds its own number of clusters")
-    p.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations per clustering")
-    p.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening output dimension (Sec. 4.2)")
-    p.add_argument("--pic-neighbors", type=int, default=5, help="k of PIC's k-NN graph (Eq. 4.1)")
-    p.add_argument("--pic-sigma", type=float, default=0.2, help="PIC kernel bandwidth: w = exp(-d / sigma^2)")
-    p.add_argument("--pic-alpha", type=float, default=0.001, help="PIC power iteration damping alpha")
-    p.add_argument("--pic-iters", type=int, default=200, help="PIC power iterations at most (stops when v is fixed)")
-    p.add_argument("--after-relu", action="store_true", help="cluster the descriptors after the last ReLU instead of "
-                   "before (thesis Table 4.1: better for PIC, 33.2 vs 21.9; worse for k-means with k = 100)")
-    p.add_argument("--arch", default="alexnet", choices=["alexnet", "small", "resnet18"],
-                   help="alexnet: AlexNet-style CNN with BatchNorm for 32-96 px; small: a narrow version for CPU; resnet18")
-    p.add_argument("--no-sobel", action="store_true", help="feed RGB instead of the Sobel gradients (Sec. 3.3)")
-    p.add_argument("--epochs", type=int, default=200, help="cluster/train rounds (0: evaluate the random CNN)")
-    p.add_argument("--epoch-images", type=int, default=None, help="cluster and train on a random subset of this many "
-                   "images each epoch (Algorithm 2; default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="mini-batch size")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (network and top layer)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the network (the top layer has none)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty")
-    p.add_argument("--min-crop", type=float, default=0.08, help="RandomResizedCrop minimal area fraction")
-    p.add_argument("--monitor-k", type=int, default=200, help="k of the weighted k-NN accuracy monitor")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--quick", action="store_true", help="small network, 2000 images, 3 epochs: a smoke run in minutes")
-    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.arch, args.epochs = "small", min(args.epochs, 3)
-    args.out_dir = args.out_dir or os.path.join("runs", f"deepcluster-{args.dataset.replace(':', '_').replace('/', '_')}"
-                                                f"-{args.clustering}")
-    if args.epochs < 0:
-        raise UsageError(f"--epochs must be at least 0 (0 evaluates the randomly initialised CNN), got {args.epochs}.")
-    for name in ("batch_size", "kmeans_iters", "pca_dim", "pic_neighbors", "pic_iters", "monitor_k"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
-    if not (0 < args.min_crop <= 1 and args.pic_sigma > 0 and 0 < args.pic_alpha < 1 and args.lr > 0):
-        raise UsageError("--min-crop must be in (0, 1], --pic-sigma and --lr positive, --pic-alpha in (0, 1).")
+    p = runtime.parser(SCRIPT, "DeepCluster: CNN features -> PCA-whitening -> k-means or PIC -> train on the "
+                               "pseudo-labels, repeat.")
+    a, pos, rate = p.add_argument, at_least(1), at_least(0.0, float)
+    a("--dataset", default="cifar10", help="cifar10 | cifar20 | cifar100 | stl10 | fashion-mnist | mnist | "
+      "imagefolder:PATH | synthetic")
+    a("--data-root", default="./data", help="where datasets are found or downloaded to")
+    a("--train-split", default="train", help="split clustered and trained on (stl10: e.g. train+unlabeled)")
+    a("--test-split", default="test", help="split of the final evaluation and predictions.csv")
+    a("--image-size", type=int, default=None, help="resize images to this square size (image folders: 64)")
+    a("--subset", type=at_least(2), default=None, help="train on a fixed random subset of this many images")
+    a("--test-subset", type=at_least(2), default=None, help="evaluate on a fixed random subset of the test split")
+    a("--out-dir", default=None, help="output folder (default: runs/deepcluster-DATASET-CLUSTERING)")
+    a("--clustering", default="kmeans", choices=["kmeans", "pic"], help="k-means (paper Eq. 2) or Power Iteration "
+      "Clustering (thesis Sec. 2.4, 4.6)")
+    a("--num-clusters", type=at_least(2), default=None, help="k of k-means (default: 10 x --final-clusters); PIC "
+      "finds its own number of clusters and ignores it")
+    a("--final-clusters", type=at_least(2), default=None, help="k of the final k-means evaluation and of --predict "
+      "(default: the number of classes; 10 for images without classes)")
+    a("--kmeans-iters", type=pos, default=20, help="Lloyd iterations per clustering")
+    a("--pca-dim", type=pos, default=256, help="PCA-whitening output dimension (thesis Sec. 4.2)")
+    a("--pic-neighbors", type=pos, default=5, help="k of PIC's k-NN graph (thesis Eq. 4.1)")
+    a("--pic-sigma", type=rate, default=0.2, help="PIC kernel bandwidth: w = exp(-d / sigma^2)")
+    a("--pic-alpha", type=rate, default=0.001, help="PIC power iteration damping alpha, in (0, 1)")
+    a("--pic-iters", type=pos, default=200, help="PIC power iterations at most (stops once v is fixed)")
+    a("--after-relu", action="store_true", help="cluster the descriptors after the last ReLU instead of before "
+      "(thesis Table 4.1: better for PIC, worse for k-means with k = 100)")
+    a("--arch", default="alexnet", choices=["alexnet", "small", "resnet18"], help="alexnet: AlexNet-style CNN with "
+      "BatchNorm for 32-96 px; small: a narrow version for CPU runs; resnet18: ResNet-18 with a CIFAR stem")
+    a("--no-sobel", action="store_true", help="feed RGB instead of the Sobel gradients (thesis Sec. 3.3)")
+    a("--epochs", type=at_least(0), default=200, help="cluster-and-train rounds (0: evaluate the random CNN)")
+    a("--epoch-images", type=at_least(2), default=None, help="cluster and train on a random subset of this many "
+      "images each epoch (thesis Algorithm 2; default: all)")
+    a("--batch-size", type=pos, default=256, help="global mini-batch size")
+    a("--lr", type=rate, default=0.05, help="SGD learning rate of the network and the top layer (may change when an "
+      "unfinished run resumes)")
+    a("--momentum", type=rate, default=0.9, help="SGD momentum of the network (the top layer has none)")
+    a("--weight-decay", type=rate, default=1e-5, help="L2 penalty")
+    a("--crop-min", type=at_least(0.01, float), default=0.08, help="RandomResizedCrop: smallest area fraction (<= 1)")
+    a("--monitor-k", type=pos, default=200, help="k of the weighted k-NN accuracy monitor")
+    a("--predict", default=None, metavar="PATH", help="apply the finished run in --out-dir to an image or a folder "
+      "of images: writes predict-NAME.csv and .png there, no training")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--compile", action="store_true", help="torch.compile the network")
+    a("--deterministic", action="store_true", help="CUDA: deterministic kernels, no cuDNN benchmark (slower)")
+    a("--threads", type=pos, default=None, help="CPU threads (default: torch's choice)")
+    a("--seed", type=int, default=0, help="random seed: same seed, same device, same results")
+    a("--quick", action="store_true", help="small CNN, 2000 images, 3 epochs: the pipeline in a few minutes")
+    a("--restart", action="store_true", help="delete this script's files in --out-dir and start over")
+    a("--log-every", type=rate, default=5.0, help="seconds between progress lines")
+    args = runtime.parse_args(p, argv, lambda args: [PRESETS["quick"] if args.quick else {}])
+    args.out_dir = args.out_dir or os.path.join("runs", f"deepcluster-{args.dataset.split(':')[0]}-{args.clustering}")
     return args
 
 
-# ---------------------------------------------------------------------------------------------------- data + augmentation
-def to_input(images_u8, mean, std):
-    """uint8 [B, C, H, W] -> normalised float."""
-    x = images_u8.float().div_(255)
-    return (x - mean) / std
+def check_args(args, train, test):
+    """The checks that need the data; sets the defaults of --final-clusters and (k-means) --num-clusters."""
+    if len(train.classes) == 1:
+        raise UsageError(f"{args.dataset} has a single class ({train.classes[0]!r}): there is nothing to cluster it "
+                         f"against. Give each class its own sub-folder (at least two), or put all images directly in "
+                         f"the folder to cluster them without labels.")
+    args.final_clusters = args.final_clusters or len(train.classes) or 10
+    if args.clustering == "kmeans":
+        args.num_clusters = args.num_clusters or 10 * args.final_clusters
+    elif args.num_clusters is not None:
+        say("note: PIC finds its own number of clusters; --num-clusters is not used.")
+    n, world = min(args.epoch_images or len(train.images), len(train.images)), runtime.STATE["world"]
+    for bad, message in [
+            (args.clustering == "kmeans" and args.num_clusters > n,
+             f"--num-clusters {args.num_clusters} is more than the {n} images clustered per epoch"),
+            (n <= max(10, args.pic_neighbors), f"{n} images per epoch are too few: the k-NN graphs need more than "
+                                               f"{max(10, args.pic_neighbors)}"),
+            (len(test.images) <= max(10, args.final_clusters), f"--final-clusters {args.final_clusters} needs more "
+             f"than {max(10, args.final_clusters)} images in --test-split {args.test_split} ({len(test.images)})"),
+            (args.batch_size > n, f"--batch-size {args.batch_size} is more than the {n} images per epoch"),
+            (args.batch_size % world, f"--batch-size must be divisible by the {world} processes"),
+            (args.crop_min > 1, "--crop-min must be at most 1"),
+            (args.lr == 0 or args.pic_sigma == 0, "--lr and --pic-sigma must be positive"),
+            (not 0 < args.pic_alpha < 1, "--pic-alpha must lie in (0, 1)")]:
+        if bad:
+            raise UsageError(message + ".")
 
 
-def random_resized_crop_flip(x, min_scale=0.08, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + horizontal flip with independent parameters per image, as one affine grid_sample.
-    x: [B, C, H, W] float. The crop covers an area fraction in [min_scale, 1] and an aspect ratio in `ratio`
-    (log-uniform); sides are clipped to the image instead of torchvision's rejection loop."""
-    B, dev = x.shape[0], x.device
-    area = torch.empty(B, device=dev).uniform_(min_scale, 1)
-    logr = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    w = (area * logr.exp()).sqrt().clamp(max=1)  # [B] crop width / image width
-    h = (area / logr.exp()).sqrt().clamp(max=1)
-    cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates, crop stays inside
-    cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+# ---- 2. Data + augmentation: uint8 batches [B, C, H, W] in, normalised float out; random parameters per image ----
+def load_data(args):
+    """(train, test) splits as uint8 tensors on the device (every rank holds all images), fixed subsets if asked."""
+    def load(split, size, seed):
+        ds = data.load_dataset(args.dataset, args.data_root, split, image_size=args.image_size)
+        if size is not None and size < len(ds.images):
+            keep = torch.randperm(len(ds.images), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+            ds = ds._replace(images=ds.images[keep], labels=ds.labels[keep])
+        return ds._replace(images=ds.images.to(args.device), labels=ds.labels.to(args.device))
+    return load(args.train_split, args.subset, args.seed), load(args.test_split, args.test_subset, args.seed + 1)
 
 
-# ---------------------------------------------------------------------------------------------------- model
+def augment(images, mean, std, crop_min):
+    """The training view (thesis Sec. 3.3, 4.3): RandomResizedCrop + horizontal flip, reflection at the borders."""
+    return normalize(random_resized_crop_flip(images.float() / 255, (crop_min, 1.0), padding_mode="reflection"),
+                     mean, std)
+
+
+# ---- 3. Model --------------------------------------------------------------------------------------------------
 SOBEL_X = [[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]  # textbook Sobel kernels (cross-correlation)
 SOBEL_Y = [[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]]
 
 
 def sobel(x):
-    """Grayscale, then the two fixed 3x3 Sobel filters (Sec. 3.3). x: [B, C, H, W] -> [B, 2, H, W]."""
+    """Grayscale, then the two fixed 3x3 Sobel filters (thesis Sec. 3.3). x: [B, C, H, W] -> [B, 2, H, W]."""
     gray = x.mean(1, keepdim=True)
     kernels = torch.tensor([SOBEL_X, SOBEL_Y], dtype=x.dtype, device=x.device).unsqueeze(1)  # [2, 1, 3, 3]
     return F.conv2d(gray, kernels, padding=1)
+
+
+class Sobel(nn.Module):  # no weights: a module so that the input filter belongs to model.features
+    def forward(self, x):
+        return sobel(x)
 
 
 def conv_bn(cin, cout, k=3):
@@ -141,53 +175,60 @@ def conv_bn(cin, cout, k=3):
 
 
 class DeepClusterNet(nn.Module):
-    """Conv features + MLP head FC-ReLU-FC. forward() returns the descriptors *before* the last ReLU (Sec. 4.2:
-    "before activation" works better); training applies ReLU and the top layer, which lives outside (reset each epoch)."""
-
+    """features (Sobel + conv body) and an MLP head FC-ReLU-FC. forward() gives the descriptors *before* the last ReLU
+    (thesis Sec. 4.2: "before activation" works better); training applies the ReLU and the top layer, which lives
+    outside the network (a new one every epoch)."""
     def __init__(self, arch, in_channels, use_sobel):
         super().__init__()
-        self.use_sobel = use_sobel
         cin = 2 if use_sobel else in_channels
-        if arch == "resnet18":  # CIFAR-style stem: 3x3 stride-1 conv, no max-pool
-            net = torchvision.models.resnet18()
-            net.conv1, net.maxpool, net.fc = nn.Conv2d(cin, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
-            self.body, flat, hidden = net, 512, 512
-        elif arch == "alexnet":  # AlexNet's 5 conv layers (96-256-384-384-256) with BatchNorm, for 32-96 px images
-            self.body = nn.Sequential(*conv_bn(cin, 96, 5), nn.MaxPool2d(2), *conv_bn(96, 256), nn.MaxPool2d(2),
-                                      *conv_bn(256, 384), *conv_bn(384, 384), *conv_bn(384, 256),
-                                      nn.AdaptiveMaxPool2d(3), nn.Flatten())
+        if arch == "resnet18":                                      # CIFAR stem: 3x3 stride-1 conv, no max-pool
+            import torchvision                                      # here: importing it takes seconds
+            body = torchvision.models.resnet18()
+            body.conv1, body.maxpool, body.fc = nn.Conv2d(cin, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+            flat, hidden = 512, 512
+        elif arch == "alexnet":                                     # AlexNet's 96-256-384-384-256 convs with BN
+            body = nn.Sequential(*conv_bn(cin, 96, 5), nn.MaxPool2d(2), *conv_bn(96, 256), nn.MaxPool2d(2),
+                                 *conv_bn(256, 384), *conv_bn(384, 384), *conv_bn(384, 256),
+                                 nn.AdaptiveMaxPool2d(3), nn.Flatten())
             flat, hidden = 256 * 9, 4096
-        else:  # small: 3 conv layers (32-64-128), ~10x cheaper, for CPU runs and --quick
-            self.body = nn.Sequential(*conv_bn(cin, 32, 5), nn.MaxPool2d(2), *conv_bn(32, 64), nn.MaxPool2d(2),
-                                      *conv_bn(64, 128), nn.AdaptiveMaxPool2d(3), nn.Flatten())
+        else:                                                       # small: 32-64-128, ~10x cheaper, for CPU runs
+            body = nn.Sequential(*conv_bn(cin, 32, 5), nn.MaxPool2d(2), *conv_bn(32, 64), nn.MaxPool2d(2),
+                                 *conv_bn(64, 128), nn.AdaptiveMaxPool2d(3), nn.Flatten())
             flat, hidden = 128 * 9, 512
+        self.features = nn.Sequential(Sobel() if use_sobel else nn.Identity(), body)
         self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
                                   nn.Linear(hidden, hidden))
         self.feature_dim = hidden
 
-    def forward(self, x):  # [B, C, H, W] normalised -> [B, hidden]
-        if self.use_sobel:
-            x = sobel(x)
-        return self.head(self.body(x))
+    def forward(self, x):                                           # [B, C, H, W] normalised -> [B, hidden]
+        return self.head(self.features(x))
 
 
-def new_top_layer(feature_dim, num_clusters, device):
-    """Fresh classifier over this epoch's clusters: weights N(0, 0.01), bias 0 (reference initialisation)."""
-    top = nn.Linear(feature_dim, num_clusters).to(device)
-    nn.init.normal_(top.weight, 0, 0.01)
+def new_top_layer(feature_dim, num_clusters, generator):
+    """A fresh classifier over this epoch's clusters: weights N(0, 0.01), bias 0 (the reference's initialisation),
+    drawn from the shuffle generator, so that every rank starts from the same one."""
+    top = nn.Linear(feature_dim, num_clusters)
+    nn.init.normal_(top.weight, 0, 0.01, generator=generator)
     nn.init.zeros_(top.bias)
     return top
 
 
-# ---------------------------------------------------------------------------------------------------- clustering
+# ---- 4. Losses: the pseudo-label cross-entropy and the clustering that makes the labels ------------------------
+def pseudo_label_loss(logits, targets):
+    """Multi-class logistic loss on the pseudo-labels, thesis Eq. (3.1) (the paper's Eq. 1): the mean over the batch.
+    logits [B, K], targets [B] -> scalar. Under torchrun each rank averages its equal share of the global batch and
+    DDP averages the ranks' gradients: the single-process gradient of the global batch."""
+    return F.cross_entropy(logits, targets)
+
+
 def pca_whitening(x, dim=256, eps=1e-6):
-    """PCA-whitening fitted on x [N, D] (Sec. 4.2): returns (mean [1, D], proj [D, d]) with d = min(dim, D) such that
-    (x - mean) @ proj has identity covariance: the top-d eigenvectors of the covariance, each divided by the square
-    root of its eigenvalue. Eigenvalues below eps * the largest are clamped so that dead units do not blow up."""
+    """PCA-whitening fitted on x [N, D] (thesis Sec. 4.2): returns (mean [1, D], proj [D, d]) with d = min(dim, D) such
+    that (x - mean) @ proj has identity covariance: the top-d eigenvectors of the covariance, each divided by the
+    square root of its eigenvalue. Eigenvalues below eps * the largest are clamped so that dead units do not blow up."""
     mean = x.mean(0, keepdim=True)
     xc = (x - mean).double()
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)  # [D, D] in float64 for a stable eigh
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    cov = xc.T @ xc / max(x.shape[0] - 1, 1)                        # [D, D] in float64 for a stable eigh
+    evals, evecs = torch.linalg.eigh(cov)                           # ascending
     evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
     return mean, (evecs / evals.clamp_min(eps * evals[0]).sqrt()).to(x.dtype)
 
@@ -201,11 +242,11 @@ def nearest_two(x, x_sq, centroids, idx, rows):
     """For the points x[idx] (idx None: all): nearest centroid [M], distance to it [M] and to the second nearest [M]
     (not squared). ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, one matmul per chunk of `rows` points; ties go to the
     lower index."""
-    c_sq = centroids.pow(2).sum(1)  # [k]
+    c_sq = centroids.pow(2).sum(1)                                  # [k]
     labels, first, second = [], [], []
     for s in range(0, len(x) if idx is None else len(idx), rows):
         i = slice(s, s + rows) if idx is None else idx[s:s + rows]  # a slice copies nothing
-        d2 = torch.addmm(c_sq, x[i], centroids.T, alpha=-2)  # [rows, k] = ||c||^2 - 2 x.c
+        d2 = torch.addmm(c_sq, x[i], centroids.T, alpha=-2)        # [rows, k] = ||c||^2 - 2 x.c
         nearest, label = d2.min(1)
         d2.scatter_(1, label[:, None], float("inf"))
         labels.append(label)
@@ -215,15 +256,15 @@ def nearest_two(x, x_sq, centroids, idx, rows):
 
 
 def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
-    """Lloyd's k-means. x: [N, D] float -> (assignment [N] int64, centroids [k, D], inertia after each assignment
-    step, number of empty-cluster splits). The last inertia is that of the returned assignment.
+    """Lloyd's k-means, the paper's Eq. (2). x: [N, D] float -> (assignment [N] int64, centroids [k, D], inertia after
+    each assignment step, number of empty-cluster splits). The last inertia is that of the returned assignment.
 
     Init: x[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:k]]. Then `iters` times: assign each
     point to its nearest centroid, move each centroid to the mean of its points; then a final assignment with the
-    final centroids. Empty clusters (faiss' rule): pick a non-empty cluster with probability proportional to
-    (size - 1), copy its centroid and perturb both copies symmetrically, coordinates times 1 +- 1/1024.
+    final centroids. Empty clusters (faiss' rule; thesis Sec. 3.2 "Joint optimization"): pick a non-empty cluster with
+    probability proportional to (size - 1), copy its centroid and perturb both copies, coordinates times 1 +- 1/1024.
 
-    The assignments are Lloyd's, but most points are not measured again (Hamerly, "Making k-means even faster",
+    The assignments are Lloyd's, but most points are not measured again (G. Hamerly, "Making k-means even faster",
     SDM 2010): each point keeps an upper bound u on the distance to its centroid and a lower bound l on the
     distance to every other one. When the centroids move by drift[j], u grows by its centroid's drift and l shrinks
     by the largest drift of another centroid (triangle inequality). While u < max(l, half the distance from its
@@ -236,7 +277,7 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
     gen = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()  # [k, D]
     rows = chunk_rows or max(1, 2 ** 18 // k)  # [rows, k] blocks of 1 MB stay in cache for min(): ~1.3x faster
-    x_sq = x.pow(2).sum(1)  # [N]
+    x_sq = x.pow(2).sum(1)                                          # [N]
     total_sq = float(x_sq.double().sum())
     sign = torch.ones(d, device=x.device, dtype=x.dtype)
     sign[1::2] = -1  # faiss perturbs even coordinates by (1 + eps) and odd ones by (1 - eps) (and vice versa)
@@ -262,7 +303,7 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(x.dtype)
         counts = counts.cpu()
-        for ci in (counts == 0).nonzero().flatten().tolist():  # split clusters (faiss' rule)
+        for ci in (counts == 0).nonzero().flatten().tolist():       # split clusters (faiss' rule)
             cj = int(torch.multinomial((counts - 1).clamp_min(0).double(), 1, generator=gen))
             centroids[ci] = centroids[cj] * (1 + sign / 1024)
             centroids[cj] = centroids[cj] * (1 - sign / 1024)
@@ -270,7 +311,7 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
             counts[cj] -= counts[ci]
             splits += 1
         # Hamerly's bounds after the move; then measure only the points whose nearest centroid may have changed.
-        drift = (centroids - previous).norm(dim=1)  # [k]
+        drift = (centroids - previous).norm(dim=1)                  # [k]
         upper += drift[labels]
         if k > 1:
             top_drift, top_cluster = drift.topk(2)
@@ -278,7 +319,7 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
         gaps = torch.cdist(centroids, centroids).fill_diagonal_(float("inf"))
         half_gap = gaps.min(1).values / 2  # [k]: a point nearer than this to its centroid is nearest to it
         todo = (upper >= torch.maximum(lower, half_gap[labels])).nonzero().squeeze(1)
-        if len(todo) == n:  # (no structure in the data: every point again)
+        if len(todo) == n:                                          # (no structure in the data: every point again)
             labels, upper, lower = nearest_two(x, x_sq, centroids, None, rows)
         elif len(todo):
             labels[todo], upper[todo], lower[todo] = nearest_two(x, x_sq, centroids, todo, rows)
@@ -287,16 +328,16 @@ def kmeans(x, k, iters=20, seed=0, chunk_rows=None):
 
 
 def pic_graph(neighbor_idx, neighbor_dist, sigma=0.2):
-    """Sparse affinity W = A + A^T with A_ij = exp(-d_ij / sigma^2) for j among the k-NN of i (Eq. 4.1).
-    neighbor_idx, neighbor_dist: [N, k] (self excluded, squared L2). Returns W as a float64 sparse CSR tensor [N, N]
-    (an edge found in both directions carries a_ij + a_ji)."""
+    """Sparse affinity W = A + A^T with A_ij = exp(-d_ij / sigma^2) for j among the k-NN of i (thesis Eq. 4.1, with
+    the reference code's Gaussian weights). neighbor_idx, neighbor_dist: [N, k] (self excluded, squared L2). Returns W
+    as a float64 sparse CSR tensor [N, N] (an edge found in both directions carries a_ij + a_ji)."""
     n, k = neighbor_idx.shape
     dev = neighbor_idx.device
-    rows = torch.arange(n, device=dev).repeat_interleave(k)  # [N*k]
+    rows = torch.arange(n, device=dev).repeat_interleave(k)         # [N*k]
     cols = neighbor_idx.reshape(-1)
     w = torch.exp(-neighbor_dist.double().reshape(-1) / sigma ** 2)
-    key = torch.cat([rows * n + cols, cols * n + rows])  # [2Nk] edge (i, j) as i * N + j, both directions
-    edges, inverse = torch.unique(key, return_inverse=True)  # sorted by row, then column
+    key = torch.cat([rows * n + cols, cols * n + rows])             # [2Nk] edge (i, j) as i * N + j, both directions
+    edges, inverse = torch.unique(key, return_inverse=True)         # sorted by row, then column
     values = torch.zeros(len(edges), dtype=torch.float64, device=dev).index_add_(0, inverse, torch.cat([w, w]))
     crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
     crow[1:] = torch.cumsum(torch.bincount(edges // n, minlength=n), 0)
@@ -324,7 +365,7 @@ def pic_pointers(W, v):
     n = W.shape[0]
     crow, cols = W.crow_indices(), W.col_indices()
     rows = torch.arange(n, device=v.device).repeat_interleave(crow.diff())  # [E] row of each stored edge
-    score = W.values() * (v[cols] - v[rows])  # [E]
+    score = W.values() * (v[cols] - v[rows])                        # [E]
     best = torch.segment_reduce(score, "max", offsets=crow, unsafe=True)  # [N] per-row maximum (-inf if no edge)
     win = (score > 0) & (score == best[rows])
     choice = torch.full((n,), n, dtype=torch.long, device=v.device).scatter_reduce(0, rows[win], cols[win], "amin")
@@ -351,11 +392,11 @@ def compact(labels, n):
 def redistribute_singletons(labels, neighbor_idx):
     """Thesis Sec. 4.6: a singleton joins the cluster of its nearest non-singleton among its k-NN (neighbor_idx is
     sorted by distance); if all its neighbours are singletons it stays one. Returns relabelled [N] (0..K-1)."""
-    single = torch.bincount(labels)[labels] == 1  # [N]
+    single = torch.bincount(labels)[labels] == 1                    # [N]
     s = single.nonzero().flatten()
-    nbrs = neighbor_idx[s]  # [S, k]
-    ok = ~single[nbrs]  # [S, k] neighbour belongs to a real cluster
-    first = ok.int().argmax(1)  # first True (argmax returns the first maximum)
+    nbrs = neighbor_idx[s]                                          # [S, k]
+    ok = ~single[nbrs]                                              # [S, k] neighbour belongs to a real cluster
+    first = ok.int().argmax(1)                                      # first True (argmax returns the first maximum)
     has = ok.any(1)
     labels = labels.clone()
     labels[s[has]] = labels[nbrs[has, first[has]]]
@@ -366,31 +407,30 @@ def pic(neighbor_idx, neighbor_dist, sigma=0.2, alpha=0.001, max_iters=200, sing
     """Power Iteration Clustering on a k-NN graph (thesis Sec. 2.4, 4.6). neighbor_idx / neighbor_dist: [N, k],
     self excluded, sorted by squared L2 distance. Returns (labels [N] int64 in 0..K-1, info dict)."""
     device = neighbor_idx.device
-    if device.type == "mps":  # no float64 / sparse kernels there
+    if device.type == "mps":                                        # no float64 / sparse kernels there
         neighbor_idx, neighbor_dist = neighbor_idx.cpu(), neighbor_dist.cpu()
     W = pic_graph(neighbor_idx, neighbor_dist, sigma)
     v, iters = pic_power_iteration(W, alpha, max_iters)
     roots = follow_pointers(pic_pointers(W, v))
-    labels = compact(roots, len(roots))  # clusters numbered in the order of their root's index
+    labels = compact(roots, len(roots))                             # clusters numbered in the order of their root
     num_singletons = int((torch.bincount(labels) == 1).sum())
     if singletons:
         labels = redistribute_singletons(labels, neighbor_idx)
-    info = dict(power_iters=iters, singletons_before_redistribution=num_singletons)
-    return labels.to(device), info
+    return labels.to(device), dict(power_iters=iters, singletons_before_redistribution=num_singletons)
 
 
 def uniform_cluster_sample(labels, num_samples, gen=None):
-    """Image indices for one epoch, uniform over non-empty clusters (Sec. 3.3): every cluster gets
+    """Image indices for one epoch, uniform over non-empty clusters (thesis Sec. 3.3): every cluster gets
     ceil(num_samples / K) draws (its images in random order, then with replacement for small clusters), the draws
     are shuffled and cut to num_samples. Indices are into `labels` (original image order); labels < 0 are skipped."""
     valid = (labels >= 0).nonzero().flatten()
     lab = labels[valid].cpu()
     perm = torch.randperm(len(lab), generator=gen)
-    order = perm[torch.sort(lab[perm], stable=True)[1]]  # grouped by cluster, random order inside a cluster
-    clusters, sizes = torch.unique(lab, return_counts=True)  # [K]
+    order = perm[torch.sort(lab[perm], stable=True)[1]]             # grouped by cluster, random order inside one
+    clusters, sizes = torch.unique(lab, return_counts=True)         # [K]
     per = math.ceil(num_samples / len(clusters))
     offsets = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(per).expand(len(clusters), per)  # [K, per]
+    slot = torch.arange(per).expand(len(clusters), per)             # [K, per]
     resample = (torch.rand(len(clusters), per, generator=gen) * sizes[:, None]).long()
     pos = torch.where(slot < sizes[:, None], slot, resample)
     picks = order[(offsets[:, None] + pos).flatten()]
@@ -398,296 +438,259 @@ def uniform_cluster_sample(labels, num_samples, gen=None):
     return valid[picks.to(valid.device)]
 
 
-# ---------------------------------------------------------------------------------------------------- losses
-def pseudo_label_loss(logits, targets):
-    """Multi-class logistic loss on the pseudo-labels, Eq. (3.1). logits [B, K], targets [B] -> scalar."""
-    return F.cross_entropy(logits, targets)
+# ---- 5. Evaluation ---------------------------------------------------------------------------------------------
+TEMPERATURE = 0.1  # confidence of a k-means assignment: softmax over -squared distances / 0.1 (unit vectors)
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def extract_features(model, images, mean, std, batch=512, conv=False, after_relu=False):
-    """Descriptors of all images (no augmentation, eval mode): images uint8 [N, C, H, W] -> float [N, hidden] (with
-    after_relu=True passed through the last ReLU), or with conv=True the flattened output of the convolutional body
-    (what transfer evaluations probe)."""
-    model.eval()
-    out = []
-    for s in range(0, len(images), batch):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-            x = to_input(images[s:s + batch], mean, std).contiguous(memory_format=torch.channels_last)
-            if conv:
-                out.append(model.body(sobel(x) if model.use_sobel else x).flatten(1).float())
-            else:
-                out.append(model(x).float())
-    out = torch.cat(out)
-    return F.relu(out) if after_relu and not conv else out
+def extract_features(model, images, mean, std, conv=False):
+    """Features of all images (no augmentation, eval mode) in float32 even under bf16 autocast: PCA-whitening divides
+    by the square roots of the smallest kept eigenvalues, which would amplify bf16's rounding (3 significant digits).
+    uint8 [N, C, H, W] -> [N, hidden] before the last ReLU, or with conv=True the flattened conv features (what
+    transfer evaluations probe). Under torchrun each rank computes a share and every rank gets all rows."""
+    with torch.autocast("cuda" if images.is_cuda else "cpu", enabled=False):
+        return predict(model.features if conv else model, images, mean, std)
 
 
 def weighted_knn_acc(train_desc, train_labels, test_desc, test_labels, k=200, temperature=0.07):
-    """Weighted k-NN classifier (votes exp(cos / T)), the usual monitor of feature quality; labels only to report."""
-    k = min(k, len(train_desc) - 1)
-    sim, idx = knn(test_desc, train_desc, k=k, metric="cosine")  # [M, k]
-    C = int(train_labels.max()) + 1
-    votes = torch.zeros(len(test_desc), C, device=sim.device).scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+    """Weighted k-NN classifier (votes exp(cos / T)), the usual monitor of feature quality; labels only to report.
+    Every rank passes all points and computes a share of the search."""
+    sim, idx = knn(test_desc, train_desc, k=min(k, len(train_desc)), metric="cosine", distributed=True)  # [M, k]
+    votes = torch.zeros(len(test_desc), int(train_labels.max()) + 1, device=sim.device)
+    votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
     return float((votes.argmax(1) == test_labels).float().mean())
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def kmeans_evaluation(feats, target, classes, k, title, restarts=50, iters=20):
+    """k-means with k clusters on the L2-normalised features, the lowest inertia of `restarts` runs (no labels used),
+    scored against the labels (printed with the confusion table). 50 restarts, not 10: on Fashion-MNIST single runs
+    on trained features range over 0.45-0.67 ACC, and the best of 10 still moved by up to 0.09 ACC with the seeds.
+    Returns (row, probs [N, k], centroids [k, D])."""
+    x = F.normalize(feats, dim=1)
+    _, centroids, _, _ = min((kmeans(x, k, iters, seed=10_000 + r) for r in range(restarts)), key=lambda r: r[2][-1])
+    probs = F.softmax(-torch.cdist(x, centroids).pow(2) / TEMPERATURE, dim=1)   # [N, k]; argmax: the nearest
+    row, text = metrics.report(probs, target, classes, title)
+    say(text)
+    if (target >= 0).any():
+        row["ratio_edge_intra_class"] = metrics.ratio_edge_intra_class(knn(x, k=10, metric="l2")[1], target)
+    return row, probs, centroids
 
 
-def atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def final_evaluation(args, model, test):
+    """k-means with k = --final-clusters (the number of classes) on the test split, on three feature sets of the final
+    network: (1) the descriptors DeepCluster clusters (before the last ReLU; L2-normalised but not whitened:
+    whitening to 256 dims gives noise directions the weight of the few class directions, which suits training's
+    10x-overclustering but hurts a k = #classes clustering), (2) the same after the ReLU, i.e. the top layer's input,
+    the only features the pseudo-label classifier reads (thesis Table 4.1 compares the two sides of this ReLU), and
+    (3) the conv features. Every rank computes it alike (rank 0 writes). Returns (rows, probs [N, k] and centroids
+    [k, hidden] of (2): the predictions and --predict's clusters)."""
+    desc = extract_features(model, test.images, test.mean, test.std)
+    conv = extract_features(model, test.images, test.mean, test.std, conv=True)
+    rows, kept = [], None
+    for name, feats in [("descriptors", desc), ("top_layer_input", F.relu(desc)), ("conv", conv)]:
+        row, probs, centroids = kmeans_evaluation(feats, test.labels, test.classes, args.final_clusters,
+                                                  f"final k-means on the {name} ({args.test_split})")
+        rows.append({"stage": STAGE, "features": name, "clustering": args.clustering, "split": args.test_split,
+                     "epochs": args.epochs, **row})
+        kept = (probs, centroids) if name == "top_layer_input" else kept
+    return rows, *kept
 
 
-# ---------------------------------------------------------------------------------------------------- training stages
-def cluster_epoch(args, desc, seed):
-    """Cluster the descriptors with the chosen method. desc [n, d] -> (labels [n] 0..K-1, info dict, 10-NN indices)."""
-    dist, idx = knn(desc, k=max(10, args.pic_neighbors), metric="l2")  # sorted ascending; the first 5 are the 5-NN
-    t = time.time()
-    if args.clustering == "kmeans":
-        labels, _, inertia, splits = kmeans(desc, args.num_clusters, args.kmeans_iters, seed)
-        labels = compact(labels, args.num_clusters)
-        info = dict(clustering_loss=inertia[-1] / len(desc), empty_cluster_splits=splits)
-    else:
-        labels, info = pic(idx[:, :args.pic_neighbors], dist[:, :args.pic_neighbors], args.pic_sigma, args.pic_alpha,
-                           args.pic_iters)
-    info["cluster_seconds"] = round(time.time() - t, 2)
-    return labels, info, idx[:, :10]
+# ---- 6. Training: one stage, resumed from its checkpoint, saved after every epoch --------------------------------
+# The settings the checkpoint depends on; one made with other values is refused, except --lr while the run is
+# unfinished (the way to continue after a divergence). Each clustering adds its own settings.
+CONFIG_KEYS = ["dataset", "train_split", "image_size", "subset", "arch", "no_sobel", "after_relu", "pca_dim",
+               "clustering", "epochs", "epoch_images", "batch_size", "lr", "momentum", "weight_decay", "crop_min",
+               "seed"]
+METHOD_KEYS = {"kmeans": ["num_clusters", "kmeans_iters"],
+               "pic": ["pic_neighbors", "pic_sigma", "pic_alpha", "pic_iters"]}
+CHECKPOINT = STAGE + ".pt"
+OWN_FILES = r"(deepcluster\.pt|results\.json|log\.jsonl|predictions\.csv|prototypes\.png|predict-.+\.(csv|png))" \
+            r"(\.tmp|\.tmp\.png)?"
 
 
-def train_epoch(args, model, optimizer, images, labels, mean, std, epoch, log_every=5.0):
-    """One epoch (N / B updates) of cross-entropy on pseudo-labels with a fresh top layer and its own SGD."""
-    device = images.device
-    num_clusters = int(labels.max()) + 1
-    top = new_top_layer(model.feature_dim, num_clusters, device)
-    top_opt = torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    order = uniform_cluster_sample(labels, int((labels >= 0).sum())).to(device)  # as many draws as clustered images
-    steps = max(1, len(order) // args.batch_size)
-    model.train()
-    t0 = last = time.time()
-    total = 0.0
-    for step in range(steps):
-        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x = random_resized_crop_flip(to_input(images[idx], mean, std), args.min_crop)
-        x = x.contiguous(memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = top(F.relu(model(x))).float()  # [B, K]
-        loss = pseudo_label_loss(logits, labels[idx])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is "
-                                     f"{os.path.join(args.out_dir, 'checkpoint.pt')} (epoch {epoch - 1}).")
-        optimizer.zero_grad(set_to_none=True)
-        top_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        top_opt.step()
-        total += loss.item()
-        if time.time() - last > log_every:
-            last = time.time()
-            rate = (step + 1) * args.batch_size / (last - t0)
-            print(f"  train epoch {epoch} step {step + 1}/{steps} loss {total / (step + 1):.4f} "
-                  f"{rate:.0f} img/s eta {(steps - step - 1) * args.batch_size / rate:.0f}s", flush=True)
-    return total / steps, time.time() - t0
+def config(args):
+    return {k: getattr(args, k) for k in CONFIG_KEYS + METHOD_KEYS[args.clustering]}
 
 
-CONFIG_KEYS = ("dataset", "train_split", "image_size", "clustering", "num_clusters", "arch", "no_sobel", "pca_dim",
-               "quick", "seed", "batch_size", "epoch_images", "after_relu")
-ADDED_LATER = {"after_relu": False}  # what checkpoints written before a setting existed used
-
-
-def load_checkpoint(path, args):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
-        ckpt["model"], ckpt["optimizer"], ckpt["epoch"]
-    except Exception as e:
-        raise UsageError(f"The checkpoint {path} cannot be read ({type(e).__name__}: {e}). It is corrupted or not "
-                         f"from deepcluster.py; delete it or pass --restart to start over.") from None
-    diff = [f"--{k.replace('_', '-')} {saved.get(k, ADDED_LATER.get(k))!r} vs {getattr(args, k)!r}" for k in CONFIG_KEYS
-            if saved.get(k, ADDED_LATER.get(k)) != getattr(args, k)]
-    if diff:
-        raise UsageError(f"The checkpoint {path} was written with another configuration ({'; '.join(diff)}). Use "
-                         f"another --out-dir, the same settings, or --restart to overwrite it.")
+def load(args, model=None, opt=None):
+    """The checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and opt."""
+    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args),
+                                   may_change=["lr"])
+    if ckpt is not None and model is not None:
+        model.load_state_dict(ckpt["model"])
+        if not ckpt["complete"]:
+            opt.load_state_dict(ckpt["optimizer"])
+            for group in opt.param_groups:                          # the learning rate given now
+                group["lr"] = args.lr
+            say(f"[{STAGE}] resuming after epoch {ckpt['epoch']}")
     return ckpt
 
 
-def kmeans_evaluation(desc, target, num_classes, restarts=50, iters=20):
-    """k-means with k = number of classes on L2-normalised features, the lowest inertia of `restarts` runs (no
-    labels used). Returns (labels [N], confidence probs [N, C], metrics dict). 50 restarts, not 10: on Fashion-MNIST
-    single runs on trained features range over 0.45-0.67 ACC, and the best of 10 still moved by up to 0.09 ACC
-    with the seeds of the restarts."""
-    desc = F.normalize(desc, dim=1)
-    best = min((kmeans(desc, num_classes, iters, seed=10_000 + r) for r in range(restarts)), key=lambda r: r[2][-1])
-    labels, centroids = best[0], best[1]
-    d2 = torch.cdist(desc, centroids).pow(2)  # [N, C]; unit vectors, so d2 lies in [0, ~4]
-    probs = F.softmax(-d2 / 0.1, dim=1)  # confidence: softmax over negative squared distances (temperature 0.1)
-    result = evaluate(labels.cpu(), target, probs.cpu()) if (target >= 0).any() else {}
-    result["nonempty"] = int(labels.unique().numel())
-    if (target >= 0).any():
-        _, nn_idx = knn(desc, k=10, metric="l2")
-        result["ratio_edge_intra_class"] = ratio_edge_intra_class(nn_idx.cpu(), target)
-    return labels, probs, result
+def save(args, row, **state):
+    """End of an epoch (the losses were checked): log the row, save the checkpoint (rank 0 writes)."""
+    if runtime.STATE["rank"] == 0:
+        runtime.log_row(args.out_dir, row)
+    runtime.save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args), row=row,
+                            epoch=row["epoch"], complete=row["epoch"] == args.epochs, **state)
 
 
-def final_evaluation(args, model, ds, images, mean, std, num_classes):
-    """Cluster the evaluation split into k = number of classes with k-means on three feature sets of the final
-    network: (1) the descriptors DeepCluster clusters (before the last ReLU; L2-normalised but not whitened:
-    whitening to 256 dims gives noise directions the weight of the few class directions, which suits the
-    10x-overclustering of training but hurts a k = #classes clustering), (2) the same after the ReLU, i.e. the input
-    of the top layer, the only features the pseudo-label classifier reads (the thesis compares the two sides of this
-    ReLU in Table 4.1) and (3) the conv features (what transfer evaluations probe).
-    Rows for results.json; predictions.csv and prototypes.png come from (2)."""
-    desc = extract_features(model, images, mean, std)
-    _, _, head = kmeans_evaluation(desc, ds.labels, num_classes)
-    labels, probs, top_input = kmeans_evaluation(F.relu(desc), ds.labels, num_classes)
-    _, _, conv = kmeans_evaluation(extract_features(model, images, mean, std, conv=True), ds.labels, num_classes)
-    conf = probs.max(1).values.cpu()
-    rows = ["index,cluster,confidence,label"] + [f"{i},{int(c)},{float(p):.4f},{int(y) if y >= 0 else ''}"
-                                                 for i, (c, p, y) in enumerate(zip(labels.cpu(), conf, ds.labels))]
-    atomic_write(os.path.join(args.out_dir, "predictions.csv"), "\n".join(rows) + "\n")
-    protos = []  # the 8 most confident images of each cluster, one row per cluster
-    for c in range(num_classes):
-        members = (labels.cpu() == c).nonzero().flatten()
-        top = members[conf[members].argsort(descending=True)[:8]]
-        row = images[top.to(images.device)].float().cpu() / 255
-        protos.append(torch.cat([row, torch.ones(8 - len(row), *row.shape[1:])]) if len(row) < 8 else row)
-    tmp = os.path.join(args.out_dir, "prototypes.tmp.png")
-    torchvision.utils.save_image(torch.cat(protos), tmp, nrow=8, padding=1)
-    os.replace(tmp, os.path.join(args.out_dir, "prototypes.png"))
-    return [dict(features="descriptors", **head), dict(features="top_layer_input", **top_input),
-            dict(features="conv", **conv)]
+def cluster(args, desc, epoch, graph):
+    """This epoch's pseudo-labels: k-means (paper Eq. 2) or PIC on the whitened descriptors desc [n, d]. The k-NN graph
+    (PIC's 5-NN and the 10-NN of the ratio edge intra-class; graph=False: neither is needed) is searched by all ranks
+    together; the clustering runs on rank 0 and its labels are broadcast, since CUDA's atomic additions (index_add_)
+    may round differently on each rank and every rank must train on the same labels.
+    Returns (labels [n] in 0..K-1 on every rank, info (rank 0), 10-NN indices [n, 10] or None)."""
+    dist, idx = knn(desc, k=max(10, args.pic_neighbors), metric="l2", distributed=True) if graph else (None, None)
+    labels, info, t = torch.empty(len(desc), dtype=torch.long, device=desc.device), {}, time.time()
+    if runtime.STATE["rank"] == 0 and args.clustering == "kmeans":
+        labels, _, inertia, splits = kmeans(desc, args.num_clusters, args.kmeans_iters, args.seed * 100_003 + epoch)
+        labels = compact(labels, args.num_clusters)
+        info = dict(clustering_loss=inertia[-1] / len(desc), empty_cluster_splits=splits)
+    elif runtime.STATE["rank"] == 0:
+        k = args.pic_neighbors
+        labels, info = pic(idx[:, :k], dist[:, :k], args.pic_sigma, args.pic_alpha, args.pic_iters)
+    info["cluster_seconds"] = time.time() - t
+    return runtime.broadcast(labels.contiguous()), info, None if idx is None else idx[:, :10]
 
 
-# ---------------------------------------------------------------------------------------------------- main
-def keep_freed_memory():
-    """CPU speed, Linux only: glibc's malloc hands large freed blocks back to the OS, so every step's fresh multi-MB
-    tensors page-fault in again. Keep freed memory in the process instead (as MALLOC_MMAP_THRESHOLD_=256M
-    MALLOC_TRIM_THRESHOLD_=1G would). On our 2-core CPU: batched augmentation ~2x and small-CNN training 1.0-1.6x
-    faster (README, scan.py section). A no-op without glibc (macOS, Windows, musl). Returns whether it took effect."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(-3, 256 << 20)) and bool(mallopt(-1, 1 << 30))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+def average_gradients(module):
+    """The top layer lives outside DDP (a new one every epoch): average its gradients over the ranks as DDP does."""
+    if runtime.STATE["world"] > 1:
+        for p in module.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= runtime.STATE["world"]
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if name not in ("cpu", "cuda", "mps") or (name == "cuda" and not torch.cuda.is_available()) or (
-            name == "mps" and not torch.backends.mps.is_available()):
-        raise UsageError(f"Device '{name}' is not available here; use --device auto, cpu, cuda or mps.")
-    return torch.device(name)
-
-
-def run(args):
-    keep_freed_memory()
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(args.seed)
-    train = load_dataset(args.dataset, args.data_root, args.train_split, args.image_size)
-    test = load_dataset(args.dataset, args.data_root, args.eval_split, args.image_size)
-    num_classes = len(train.classes)
-    if args.quick:  # fixed random subsets so that the whole pipeline runs in a few minutes
-        g = torch.Generator().manual_seed(args.seed)
-        train = train._replace(**dict(zip(("images", "labels"), _subset(train, 2000, g))))
-        test = test._replace(**dict(zip(("images", "labels"), _subset(test, 1000, g))))
-    n = len(train.images)
-    if args.num_clusters is None:
-        args.num_clusters = 10 * num_classes if num_classes else 100
-    epoch_n = min(args.epoch_images or n, n)
-    if args.num_clusters < 2 or args.num_clusters > epoch_n:
-        raise UsageError(f"--num-clusters must be between 2 and the number of images clustered per epoch ({epoch_n}); "
-                         f"got {args.num_clusters}.")
-    if epoch_n <= max(10, args.pic_neighbors) or len(test.images) <= 10:
-        raise UsageError(f"Too few images: {epoch_n} clustered per epoch and {len(test.images)} in the evaluation "
-                         f"split; the k-NN graphs need more than {max(10, args.pic_neighbors)}.")
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
-
-    images, test_images = train.images.to(device), test.images.to(device)
-    mean = torch.tensor(train.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(train.std, device=device).view(1, -1, 1, 1)
-    model = DeepClusterNet(args.arch, images.shape[1], not args.no_sobel).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start, prev_labels = 1, None
-    if os.path.exists(ckpt_path) and not args.restart:
-        ckpt = load_checkpoint(ckpt_path, args)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, prev_labels = ckpt["epoch"] + 1, ckpt["labels"]
-        print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}", flush=True)
-    elif args.restart and os.path.exists(log_path):
-        os.remove(log_path)
-    forward = torch.compile(model) if args.compile else model
-    train_labels, test_labels = train.labels.to(device), test.labels.to(device)
-    has_labels = bool((train.labels >= 0).all()) and num_classes > 0
-    print(f"deepcluster: {args.dataset} ({n} train images, {len(test.images)} {args.eval_split}), {args.clustering}, "
-          f"arch {args.arch}, sobel {not args.no_sobel}, device {device}, epochs {start}..{args.epochs}", flush=True)
-
-    for epoch in range(start, args.epochs + 1):
-        t0 = time.time()
-        torch.manual_seed(args.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same epochs
-        subset = torch.randperm(n, device=device)[:epoch_n].sort().values if epoch_n < n else torch.arange(n, device=device)
-        feats = extract_features(forward, images[subset], mean, std, after_relu=args.after_relu)
+def train_network(args, model, train, test):
+    """The thesis' Algorithm 1 (Algorithm 2 with --epoch-images), from the checkpoint on. Returns the final state."""
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    ckpt = load(args, model, opt)
+    start, E, previous = (ckpt["epoch"], args.epochs, ckpt["labels"]) if ckpt else (0, args.epochs, None)
+    model, forward = runtime.wrap(model, args.device, args.compile)
+    N, B = len(train.images), args.batch_size
+    n = min(args.epoch_images or N, N)                              # images clustered and drawn per epoch
+    lo, hi = runtime.shard(B)                                       # this rank's share of every global batch
+    known, test_known = bool((train.labels >= 0).all()), bool((test.labels >= 0).all())  # labels: only to report
+    progress = runtime.Progress(STAGE, (E - start) * (n // B), args.log_every)
+    for epoch in range(start, E):
+        generator, t0 = runtime.reseed(args.seed, STAGE, epoch), time.time()  # shuffle: the same on every rank
+        # 1. descriptors: CNN features (fp32), PCA-whitened and L2-normalised (thesis Sec. 4.2)
+        subset = torch.randperm(N, generator=generator)[:n].sort().values.to(args.device)
+        feats = extract_features(model, train.images[subset], train.mean, train.std)
+        feats = F.relu(feats) if args.after_relu else feats
+        if not torch.isfinite(feats).all():
+            raise UsageError(f"{STAGE}: the features became non-finite at epoch {epoch + 1}; "
+                             + runtime.diverged_hint())
         pca = pca_whitening(feats, args.pca_dim)
-        desc = whiten(feats, *pca)  # [n, 256] unit vectors
-        labels, info, nn10 = cluster_epoch(args, desc, seed=args.seed * 100_003 + epoch)
-        full = torch.full((n,), -1, dtype=torch.long, device=device)
-        full[subset] = labels  # pseudo-labels by original index, -1 for images outside this epoch's subset
+        desc = whiten(feats, *pca)                                  # [n, pca_dim]
+        # 2. cluster them; the pseudo-labels by original index (-1: an image outside this epoch's subset)
+        labels, info, nn10 = cluster(args, desc, epoch + 1, graph=args.clustering == "pic" or known)
+        full = torch.full((N,), -1, dtype=torch.long, device=args.device).index_copy_(0, subset, labels)
         sizes = torch.bincount(labels)
-        rec = dict(epoch=epoch, num_clusters=int((sizes > 0).sum()), singletons=int((sizes == 1).sum()),
-                   largest_cluster=int(sizes.max()), **info)
-        if prev_labels is not None:  # stability (paper Fig. 2); with --epoch-images over images clustered both times
-            both = (full >= 0) & (prev_labels.to(device) >= 0)
-            rec["nmi_prev"] = nmi(full[both].cpu(), prev_labels[both.cpu()])
-        if has_labels:
-            rec["nmi_labels"] = nmi(labels.cpu(), train.labels[subset.cpu()])
-            rec["ratio_edge_intra_class"] = ratio_edge_intra_class(nn10.cpu(), train.labels[subset.cpu()])
-        if has_labels and (test.labels >= 0).all():  # quality of the features clustered in this epoch
-            test_desc = whiten(extract_features(forward, test_images, mean, std, after_relu=args.after_relu), *pca)
-            rec["knn_acc"] = weighted_knn_acc(desc, train_labels[subset], test_desc, test_labels, args.monitor_k)
-        loss, secs = train_epoch(args, forward, optimizer, images, full, mean, std, epoch)
-        rec.update(loss=loss, train_seconds=round(secs, 1))
-        rec["seconds"] = round(time.time() - t0, 1)
-        atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, labels=full.cpu(),
-                         args={k: getattr(args, k) for k in CONFIG_KEYS}), ckpt_path)
-        with open(log_path, "a") as f:  # one line per finished epoch, written after its checkpoint
-            f.write(json.dumps(rec) + "\n")
-        print(f"epoch {epoch}/{args.epochs} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in rec.items() if k != "epoch"), flush=True)
-        prev_labels = full.cpu()
+        row = {"stage": STAGE, "epoch": epoch + 1, "num_clusters": int((sizes > 0).sum()),
+               "singletons": int((sizes == 1).sum()), "largest_cluster": int(sizes.max()), **info}
+        if previous is not None:                                    # stability (paper Fig. 2), on images in both
+            both = (full >= 0) & (previous.to(args.device) >= 0)
+            row["nmi_prev"] = metrics.nmi(full[both], previous.to(args.device)[both])
+        if known:                                                   # the quality of this epoch's features
+            row["nmi_labels"] = metrics.nmi(labels, train.labels[subset])
+            row["ratio_edge_intra_class"] = metrics.ratio_edge_intra_class(nn10, train.labels[subset])
+            if test_known:
+                test_feats = extract_features(model, test.images, test.mean, test.std)
+                test_desc = whiten(F.relu(test_feats) if args.after_relu else test_feats, *pca)
+                row["knn_acc"] = weighted_knn_acc(desc, train.labels[subset], test_desc, test.labels, args.monitor_k)
+        # 3. train one epoch on the pseudo-labels with a new top layer (thesis Sec. 3.3), batches drawn uniformly
+        #    over the clusters from the shared generator; rank r takes images [lo, hi) of each global batch (its
+        #    BatchNorm normalises that share: no SyncBatchNorm)
+        top = new_top_layer(model.feature_dim, len(sizes), generator).to(args.device)
+        top_opt = torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        order = uniform_cluster_sample(full, n, generator).to(args.device)
+        model.train()
+        losses, t_train = [], time.time()
+        for step in range(n // B):
+            idx = order[step * B + lo:step * B + hi]
+            logits = top(F.relu(forward(augment(train.images[idx], train.mean, train.std, args.crop_min))))  # [b, K]
+            loss = pseudo_label_loss(logits, full[idx])
+            opt.zero_grad(set_to_none=True)
+            top_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(top)
+            opt.step()
+            top_opt.step()
+            losses.append(loss.detach())                            # checked once per epoch: no per-step host sync
+            progress.step(epoch, step, loss, B)
+        losses = runtime.gather(torch.stack(losses)[None]).T       # [steps, ranks]: every rank stops alike
+        runtime.check_losses(losses, STAGE, epoch + 1)
+        for b in model.buffers():                                   # BatchNorm statistics: rank 0's on every rank
+            runtime.broadcast(b)
+        row.update(loss=losses.mean().item(), lr=args.lr, train_seconds=time.time() - t_train,
+                   seconds=time.time() - t0)
+        say(f"[{STAGE}] epoch {epoch + 1}/{E} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in row.items() if k not in ("stage", "epoch")))
+        previous = full.cpu()
+        save(args, row, model=model.state_dict(), optimizer=opt.state_dict(), labels=previous)
+    if ckpt is not None and start == E:
+        return {k: ckpt[k] for k in ("model", "optimizer", "epoch", "labels", "row")}
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=E, labels=previous,
+                row=row if E > start else None)
 
-    results = final_evaluation(args, forward, test, test_images, mean, std, max(num_classes, 2))
-    for r in results:
-        r.update(stage="deepcluster", clustering=args.clustering, split=args.eval_split, epochs=args.epochs)
-        print("final " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-    atomic_write(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-    return results
+
+# ---- 7. Outputs, --predict and main ------------------------------------------------------------------------------
+def predict_files(args):
+    """--predict PATH: the final network of the finished run in --out-dir applied to an image or a folder of images;
+    each image goes to the nearest final k-means centroid of the top layer's input (L2-normalised)."""
+    results = os.path.join(args.out_dir, "results.json")
+    finished = json.load(open(results)) if os.path.exists(results) else {}
+    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, {}) if finished else None
+    if finished.get("script") != SCRIPT or "final" not in finished or ckpt is None or "centroids" not in ckpt:
+        raise UsageError(f"{args.out_dir} holds no finished deepcluster.py run (no complete results.json and "
+                         f"{CHECKPOINT}); finish the run first, or point --out-dir at the folder of one.")
+    saved, final = finished["args"], finished["final"]
+    model = DeepClusterNet(saved["arch"], final["channels"], not saved["no_sobel"])
+    model.load_state_dict(ckpt["model"])
+    images, files = data.load_image_files(args.predict, final["size"], final["channels"])
+    x = F.normalize(F.relu(extract_features(model.to(args.device), images.to(args.device), final["mean"],
+                                            final["std"])), dim=1)
+    probs = F.softmax(-torch.cdist(x, ckpt["centroids"].to(args.device)).pow(2) / TEMPERATURE, dim=1)
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0] or "images"
+    if runtime.STATE["rank"] == 0:
+        runtime.write_outputs(args.out_dir, probs, images, {"file": files}, f"predict-{name}.csv",
+                              f"predict-{name}.png")
+    say(f"{len(files)} images clustered into {args.out_dir}/predict-{name}.csv and predict-{name}.png")
 
 
-def _subset(ds, size, gen):
-    idx = torch.randperm(len(ds.images), generator=gen)[:size].sort().values
-    return ds.images[idx], ds.labels[idx]
-
-
-def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except (DataError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def run(argv=None):
+    args = parse_args(argv)
+    args.device = runtime.setup(args)
+    if args.predict:
+        runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, restart=False)
+        return predict_files(args)
+    train, test = load_data(args)
+    check_args(args, train, test)
+    runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
+    load(args)                                                      # refuse a foreign checkpoint before any work
+    say(f"deepcluster.py: {args.dataset} train {tuple(train.images.shape)} {args.test_split} "
+        f"{tuple(test.images.shape)} {args.clustering} arch {args.arch} sobel {not args.no_sobel} device "
+        f"{args.device} x {runtime.STATE['world']} epochs {args.epochs} out {args.out_dir}")
+    t_start = time.time()
+    runtime.reseed(args.seed, STAGE, -1)                            # the initial weights: always the same
+    model = DeepClusterNet(args.arch, train.images.shape[1], not args.no_sobel).to(args.device)
+    state = train_network(args, model, train, test)
+    rows, probs, centroids = final_evaluation(args, model, test)
+    runtime.save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args), **state,
+                            complete=True, centroids=centroids.cpu())  # --predict's centroids
+    final = {"stage": STAGE, "epochs": args.epochs, "features": "top_layer_input", "clusters": args.final_clusters,
+             "channels": train.images.shape[1], "size": train.images.shape[-1], "mean": train.mean, "std": train.std}
+    if runtime.STATE["rank"] == 0:
+        labels = [int(y) if y >= 0 else "" for y in test.labels.tolist()]
+        runtime.write_outputs(args.out_dir, probs, test.images, {"index": list(range(len(labels))), "label": labels},
+                              "predictions.csv", "prototypes.png")
+        results = {"script": SCRIPT, "dataset": args.dataset, "rows": rows, "final": final, "args": vars(args),
+                   "seconds_this_run": time.time() - t_start}
+        runtime.atomic_write(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    say(f"done in {time.time() - t_start:.1f} s; outputs in {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    runtime.main(SCRIPT, run)

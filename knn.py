@@ -23,6 +23,14 @@ Nearly all the time is the matrix product, so two things matter:
 
 Ties go to the lower index everywhere; rows with a tie exactly at the k-th place are redone with a stable sort, so
 the answer never depends on how `topk` orders equal values.
+
+3. `distributed=True` under torch.distributed: each rank passes all the points, computes a share and gets one
+   process's answer, bit for bit. Separate keys: the ranks split the queries, then all_gather. Self-search: W ranges
+   of rows with equal parts of the triangle (near N (1 - sqrt(1 - r/W))); a rank searches its range's own triangle
+   as in (1), then all LATER points (rows: their row side is their top-k within the range) against the range
+   (columns: the column side updates the range's lists). Each pair is computed once, nothing is exchanged until the
+   ranks all_gather their lists [N, k], and each point keeps the best k of its W * k candidates. Ranges are whole
+   blocks of one process's search, so every score is rounded alike (BLAS rounds products of 1-3 rows differently).
 """
 
 import torch
@@ -32,14 +40,16 @@ ROW_GROUP = 8   # rows per group for the column-side threshold test
 TILE = 2048     # columns multiplied at once in self-search: a tile of a block stays in the cache
 
 
-def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size=None, memory_mb=256):
+def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size=None, memory_mb=256,
+        distributed=False):
     """Exact k-NN. Returns (scores [N, k], indices [N, k]) on the queries' device.
 
     queries: [N, D] tensor (any float dtype; computed in float32). keys: [M, D] or None to search the queries
     themselves, in which case `exclude_self` drops each point's own index (by index, so a duplicate image is still
     a neighbour). metric: "cosine" (similarity, descending), "ip" (inner product, descending) or "l2" (squared
     Euclidean distance, ascending). Ties go to the lower index. chunk_size: query rows per block; by default it is
-    derived from `memory_mb`, the budget for one block of scores.
+    derived from `memory_mb`, the budget for one block of scores. distributed: under an initialised torch.distributed
+    process group, share the work between the ranks, which must all pass the same inputs; see the module docstring (3).
     """
     if metric not in ("cosine", "ip", "l2"):
         raise ValueError(f"knn: unknown metric {metric!r}; use 'cosine', 'ip' or 'l2'.")
@@ -80,17 +90,58 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
     cols = torch.cat([cols, cols.new_zeros(padded - num_keys, cols.shape[1])])
     if chunk_size is None:
         chunk_size = max(1, min(4096, memory_mb * 2**20 // (4 * padded)))
+    dist = torch.distributed
+    world = dist.get_world_size() if distributed and dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     if self_search:
-        scores, indices = _search_self(rows, cols, k, num_keys, excluding, chunk_size)
+        chunk = max(GROUP, chunk_size // GROUP * GROUP)  # whole groups: blocks start on group and row-group boundaries
+        lo, hi = _bounds(num_keys, world, chunk, triangle=True)[rank:rank + 2]   # this rank's range
+        best_vals = torch.full((padded, k), float("-inf"), device=cols.device)  # running top-k of every point
+        best_idx = torch.full((padded, k), padded, dtype=torch.long, device=cols.device)
+        _search_self(rows, cols, best_vals, best_idx, lo, hi, excluding, chunk)  # the range's triangle (all if W=1)
+        if world > 1 and lo < hi:
+            _search_self(rows, cols, best_vals, best_idx, lo, hi, False, chunk, later=num_keys)
+        scores, indices = _merge(best_vals[:num_keys], best_idx[:num_keys], world)
     else:
-        scores, indices = _search(rows, cols, k, num_keys, chunk_size)
+        bounds = _bounds(len(rows), world, chunk_size)
+        scores, indices = _search(rows[bounds[rank]:bounds[rank + 1]], cols, k, num_keys, chunk_size)  # [N_rank, k]
+        if world > 1:
+            sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+            scores, indices = _gather(scores, sizes), _gather(indices, sizes)
     return ((-2 * scores).clamp_min(0) if metric == "l2" else scores), indices
+
+
+def _bounds(num_rows, world, step, triangle=False):
+    """Boundaries of `world` contiguous ranges of rows 0..N on multiples of `step` (the single-process blocks):
+    equal numbers of rows, or (triangle) equal parts of the upper triangle."""
+    share = [1 - (1 - r / world) ** 0.5 if triangle else r / world for r in range(world)]
+    return [min(num_rows, round(num_rows * s / step) * step) for s in share] + [num_rows]
+
+
+def _gather(x, sizes):
+    """all_gather of every rank's x [sizes[rank], ...] -> [sum(sizes), ...] in rank order (padded to the largest)."""
+    x = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in sizes]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _merge(best_vals, best_idx, world):
+    """Each point's best k of the ranks' lists best_* [N, k] (their candidates are disjoint), gathered N / W points
+    at a time so that the memory stays that of one list."""
+    if world == 1:
+        return best_vals, best_idx
+    k, step, merged = best_vals.shape[1], -(-len(best_vals) // world), []
+    for part in zip(best_vals.split(step), best_idx.split(step)):           # [n, k] each
+        vals, idx = (_gather(x, [len(x)] * world).view(world, -1, k).transpose(0, 1).flatten(1) for x in part)
+        merged.append([x[:, :k] for x in _order(vals, idx)])                # [n, W * k] -> [n, k]
+    return [torch.cat(x) for x in zip(*merged)]
 
 
 def _search(rows, cols, k, num_keys, chunk_size):
     """Top-k columns of every row of rows @ cols.T, one block of rows at a time."""
     buffer = torch.empty(min(chunk_size, rows.shape[0]), cols.shape[0], device=rows.device)  # reused by every block
-    all_scores, all_indices = [], []
+    all_scores, all_indices = [rows.new_empty(0, k)], [rows.new_empty(0, k, dtype=torch.long)]  # (rows may be none)
     for start in range(0, rows.shape[0], chunk_size):
         block_rows = rows[start:start + chunk_size]
         block = torch.mm(block_rows, cols.T, out=buffer[:len(block_rows)])   # [R, M_padded]
@@ -101,45 +152,49 @@ def _search(rows, cols, k, num_keys, chunk_size):
     return torch.cat(all_scores), torch.cat(all_indices)
 
 
-def _search_self(rows, cols, k, num_points, excluding, chunk_size):
-    """Self-search over the upper triangle of rows @ cols.T; see the module docstring (1)."""
-    device, padded = cols.device, cols.shape[0]
-    chunk = max(GROUP, chunk_size // GROUP * GROUP)  # whole groups: blocks start on group and row-group boundaries
-    best_vals = torch.full((padded, k), float("-inf"), device=device)      # running top-k of every point
-    best_idx = torch.full((padded, k), padded, dtype=torch.long, device=device)
+def _search_self(rows, cols, best_vals, best_idx, lo, hi, excluding, chunk, later=None):
+    """Self-search of the points lo..hi over the upper triangle of rows @ cols.T, into the lists best_* [M_padded, k];
+    see the module docstring (1). With later=N, the points hi..N against the columns lo..hi instead (3): their rows
+    are taken from `cols` and the columns from `rows`, so each score is the same sum of the same products as in one
+    process's search (rows_i . cols_j, i < j)."""
+    device, k = cols.device, best_vals.shape[1]
+    a, b = (cols, rows) if later else (rows, cols)                          # row and column operands
     # Two buffers reused by every block: fresh large allocations would cost page faults each time.
-    buffer = torch.empty(chunk * padded, device=device)
-    col_buffer = torch.empty(chunk // ROW_GROUP * padded, device=device)
-    for start in reversed(range(0, num_points, chunk)):
-        stop = min(start + chunk, num_points)
-        num_rows, width = stop - start, padded - start                      # columns start..M of the upper triangle
+    buffer = torch.empty(chunk * cols.shape[0], device=device)
+    col_buffer = torch.empty(chunk // ROW_GROUP * cols.shape[0], device=device)
+    for start in (range(hi, later, chunk) if later else reversed(range(lo, hi, chunk))):
+        stop = min(start + chunk, len(a) if later else hi)                  # (later: to the padded end, whole groups)
+        c0, first = (lo, lo) if later else (start, stop)                    # first column; first of the column side
+        num_rows, width = stop - start, -(-(hi - c0) // GROUP) * GROUP      # columns c0..hi, padded to whole groups
         block = buffer[:num_rows * width].view(num_rows, width)             # [R, W]
-        column_side = stop < num_points                                     # (then R is a multiple of ROW_GROUP)
+        column_side = first < hi                                            # (then R is a multiple of ROW_GROUP)
         col_max = col_buffer[:num_rows // ROW_GROUP * width].view(-1, width) if column_side else None  # [R/G, W]
         # The product tile by tile, each tile's row-group maxima taken while it is still in the cache.
-        for c0 in range(0, width, TILE):
-            c1 = min(c0 + TILE, width)
-            tile = block[:, c0:c1]
-            torch.mm(rows[start:stop], cols[start + c0:start + c1].T, out=tile)
-            tile[:, max(0, num_points - start - c0):] = float("-inf")       # padded columns
-            if excluding and c0 < num_rows:                                  # each point's own column
-                own = torch.arange(c0, min(c1, num_rows), device=device)
-                tile[own, own - c0] = float("-inf")
+        for t0 in range(0, width, TILE):
+            t1 = min(t0 + TILE, width)
+            tile = block[:, t0:t1]
+            torch.mm(a[start:stop], b[c0 + t0:c0 + t1].T, out=tile)
+            tile[:, max(0, hi - c0 - t0):] = float("-inf")                  # padded columns, or past the range
+            if later:
+                tile[later - start:] = float("-inf")                        # padded rows
+            if excluding and t0 < num_rows:                                  # each point's own column
+                own = torch.arange(t0, min(t1, num_rows), device=device)
+                tile[own, own - t0] = float("-inf")
             if column_side:
-                torch.amax(tile.unflatten(0, (-1, ROW_GROUP)), 1, out=col_max[:, c0:c1])
-        # Row side: rows start..stop have seen no column yet (blocks run last to first), so this is their list.
+                torch.amax(tile.unflatten(0, (-1, ROW_GROUP)), 1, out=col_max[:, t0:t1])
+        # Row side: rows start..stop have seen no column yet (blocks run last to first; later points have no list
+        # on this rank), so this is their list.
         top = min(k, width)
         vals, idx = _topk_block(block, top)
-        best_vals[start:stop, :top], best_idx[start:stop, :top] = vals, idx + start
+        best_vals[start:stop, :top], best_idx[start:stop, :top] = vals, idx + c0
         if not column_side:
             continue
-        # Column side: the real columns after this block get the entries that reach their running k-th best.
-        tau = best_vals[stop:num_points, k - 1]                             # [C]
-        group, col = (col_max[:, num_rows:num_points - start] >= tau).nonzero(as_tuple=True)  # [F] groups to read
-        cand_vals = block.view(-1, ROW_GROUP, width)[group, :, col + num_rows]  # [F, ROW_GROUP]
+        # Column side: columns first..hi get the entries that reach their running k-th best.
+        tau = best_vals[first:hi, k - 1]                                    # [C]
+        group, col = (col_max[:, first - c0:hi - c0] >= tau).nonzero(as_tuple=True)  # [F] groups to read
+        cand_vals = block.view(-1, ROW_GROUP, width)[group, :, col + first - c0]  # [F, ROW_GROUP]
         f, r = (cand_vals >= tau[col, None]).nonzero(as_tuple=True)         # per column: rows ascending
-        _insert(best_vals, best_idx, col[f] + stop, cand_vals[f, r], group[f] * ROW_GROUP + r + start)
-    return best_vals[:num_points], best_idx[:num_points]
+        _insert(best_vals, best_idx, col[f] + first, cand_vals[f, r], group[f] * ROW_GROUP + r + start)
 
 
 def _insert(best_vals, best_idx, points, vals, idx):

@@ -8,7 +8,9 @@ into any codebase. Inputs may be numpy arrays, lists or torch tensors (moved to 
 - nmi, ari:         equal to scikit-learn's normalized_mutual_info_score (arithmetic) / adjusted_rand_score.
 - topk_acc:         clusters remapped by the Hungarian match, then top-k (SCAN's top-5).
 - neighbor_acc:     share of mined neighbours with the anchor's label (SCAN, Sec. 3.1 of the paper).
+- neighbor_agreement: share of one k-NN graph's neighbours that another graph shares (e.g. pretext vs pixels).
 - ratio_edge_intra_class: k-NN graph quality of Caron's thesis (Sec. 4.1), mean over classes.
+- evaluate, report:  all of the above for one clustering; report() adds the confusion table as text.
 """
 
 import numpy as np
@@ -145,15 +147,41 @@ def evaluate(pred, target, probs=None):
     return out
 
 
-def neighbor_acc(indices, labels):
-    """Share of neighbours that carry their anchor's label. indices: [N, k] into labels: [N]."""
+def report(probs, target, classes, title, max_rows=30):
+    """evaluate() of the clustering probs [N, K] (argmax = cluster) plus num_clusters = K, and the text a script
+    prints: the numbers and the confusion table (a row per cluster, a column per class). Returns (dict, text)."""
+    probs = probs.detach().float().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    pred, target = probs.argmax(1), _as_labels(target)
+    res = {"num_clusters": probs.shape[1], **evaluate(pred, target, probs)}
+    lines = [f"== {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in res.items())]
+    known = target >= 0
+    if known.any():
+        table = confusion(pred[known], target[known], probs.shape[1], max(len(classes), int(target.max()) + 1))
+        lines.append("cluster " + " ".join(f"{str(c)[:6]:>6}" for c in classes[:table.shape[1]]))
+        lines += [f"{i:>7} " + " ".join(f"{v:>6d}" for v in row) for i, row in enumerate(table[:max_rows])]
+    return res, "\n".join(lines)
+
+
+def neighbor_acc(indices, labels, anchors=None):
+    """Share of neighbours that carry their anchor's label. indices: [A, k] into labels: [N]; row i holds the
+    neighbours of image anchors[i] (default: of image i). Anchors with an unknown label (-1) are skipped."""
     indices, labels = np.asarray(_to_numpy(indices)), _as_labels(labels)
-    known = labels >= 0
-    return float((labels[indices[known]] == labels[known, None]).mean())
+    anchor_labels = labels if anchors is None else labels[_as_labels(anchors)]
+    known = anchor_labels >= 0
+    return float((labels[indices[known]] == anchor_labels[known, None]).mean())
+
+
+def neighbor_agreement(indices_a, indices_b):
+    """Share of the neighbours in indices_a [A, k] that are also among indices_b [A, k'] of the same row: how much
+    two neighbour graphs of the same images agree (1: the same neighbours)."""
+    a, b = np.asarray(_to_numpy(indices_a)), np.asarray(_to_numpy(indices_b))
+    return float((a[:, :, None] == b[:, None, :]).any(2).mean())
 
 
 def ratio_edge_intra_class(indices, labels):
-    """Caron's thesis Sec. 4.1: per class C_k, #{edges (i, j): i, j in C_k} / #{edges (i, j): i in C_k}; mean over classes."""
+    """Caron's thesis Sec. 4.1: per class C_k, #{edges (i, j): i, j in C_k} / #{edges (i, j): i in C_k}, mean over
+    the classes."""
     indices, labels = np.asarray(_to_numpy(indices)), _as_labels(labels)
     known = labels >= 0
     same = (labels[indices[known]] == labels[known, None]).mean(1)  # [N_known] intra-class share per node

@@ -112,8 +112,8 @@ def test_cifar_resize_to_image_size(tmp_path):
 def test_stl10_reader_all_splits(tmp_path, monkeypatch):
     folder = tmp_path / "stl10_binary"
     folder.mkdir()
-    written = {"train": (random_images(3, s=96), np.array([1, 10, 4])), "test": (random_images(2, s=96), np.array([7, 2])),
-               "unlabeled": (random_images(4, s=96), None)}
+    written = {"train": (random_images(3, s=96), np.array([1, 10, 4])),
+               "test": (random_images(2, s=96), np.array([7, 2])), "unlabeled": (random_images(4, s=96), None)}
     for part, (images, labels) in written.items():
         (folder / f"{part}_X.bin").write_bytes(images.transpose(0, 1, 3, 2).tobytes())  # planes stored column-major
         if labels is not None:
@@ -206,16 +206,151 @@ def test_imagefolder_train_test_subfolders(tmp_path):
     assert train.labels.tolist() == [0, 1, 1] and test.labels.tolist() == [1]  # 'b' keeps its index
 
 
+def one_paragraph_error(match, fn, *args, **kwargs):
+    with pytest.raises(data.DataError, match=match) as err:
+        fn(*args, **kwargs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
 def test_imagefolder_errors(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    with pytest.raises(data.DataError, match="contains no images"):
-        data.load_dataset(f"imagefolder:{tmp_path / 'empty'}")
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.load_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
+    one_paragraph_error("'.*empty' contains no images", data.load_dataset, f"imagefolder:{tmp_path / 'empty'}")
+    one_paragraph_error("'.*nowhere' does not exist", data.load_dataset, f"imagefolder:{tmp_path / 'nowhere'}")
     save_png(tmp_path / "bad" / "good.png", np.zeros((8, 8, 3), dtype=np.uint8))
     (tmp_path / "bad" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    with pytest.raises(data.DataError, match=r"Cannot read image .*broken\.jpg"):
-        data.load_dataset(f"imagefolder:{tmp_path / 'bad'}")
+    one_paragraph_error(r"Cannot read image .*broken\.jpg", data.load_dataset, f"imagefolder:{tmp_path / 'bad'}")
+    file = tmp_path / "bad" / "good.png"
+    message = one_paragraph_error(f"'{file}' is a file, not a folder", data.load_dataset, f"imagefolder:{file}")
+    assert "imagefolder:PATH takes a folder" in message and "--predict" in message
+    for size in [-4, 2, 0, 7, 8.5, "64", True]:  # never blames an image file
+        message = one_paragraph_error("image size must be at least 8 pixels", data.load_dataset,
+                                      f"imagefolder:{tmp_path / 'bad'}", image_size=size)
+        assert "Cannot read" not in message and repr(size) in message
+    one_paragraph_error("image size must be at least 8 pixels", data.load_image_files, str(file), 2, 3)
+
+
+# Tiny images in every mode a folder may hold, 8x8 so that reading at image size 8 neither resizes nor crops.
+SIXTEEN_BIT = np.array([0, 32768, 65535, 1000, 257, 128, 65407, 40000] * 8, dtype=np.uint16).reshape(8, 8)
+EXPECTED_8BIT = np.round(SIXTEEN_BIT / 65535 * 255).astype(np.uint8)  # the full range, rounded
+assert EXPECTED_8BIT[0, :4].tolist() == [0, 128, 255, 4]
+PALETTE = [255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30] + [0] * 756
+ALPHA = np.array([0, 255, 128, 64, 200, 1, 254, 100] * 8, dtype=np.uint8).reshape(8, 8)
+
+
+def mode_image(mode):
+    """(PIL image, file suffix, expected uint8 [8, 8] or [8, 8, 3] when read, from PIL or known values)."""
+    gray, rgb = RNG.integers(0, 256, (8, 8), dtype=np.uint8), RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    over_white = lambda img: np.asarray(  # PIL's compositing over white
+        Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert(
+            "L" if img.mode == "LA" else "RGB"))
+    if mode == "I;16":
+        return Image.fromarray(SIXTEEN_BIT), ".png", EXPECTED_8BIT
+    if mode == "I;16B":
+        return Image.frombytes("I;16B", (8, 8), SIXTEEN_BIT.astype(">u2").tobytes()), ".tif", EXPECTED_8BIT
+    if mode == "I":  # 32-bit: read as 16-bit values, clipped
+        values = SIXTEEN_BIT.astype(np.int32)
+        values[0, :2] = -5, 70000
+        expected = EXPECTED_8BIT.copy()
+        expected[0, :2] = 0, 255
+        return Image.fromarray(values), ".tif", expected
+    if mode in ("P", "P+transparency"):
+        img = Image.fromarray(RNG.integers(0, 4, (8, 8), dtype=np.uint8), "L").convert("P")  # indices 0..3
+        img.putpalette(PALETTE)
+        expected = np.array(PALETTE[:12], dtype=np.uint8).reshape(4, 3)[np.asarray(img)]
+        if mode == "P":
+            return img, ".png", expected
+        img.info["transparency"] = 1  # index 1 (green) is transparent: white
+        return img, ".png", np.where((np.asarray(img) == 1)[:, :, None], 255, expected).astype(np.uint8)
+    if mode == "1":
+        img = Image.fromarray(gray > 127).convert("1")
+        return img, ".png", np.asarray(img.convert("L"))
+    if mode in ("LA", "RGBA", "PA"):
+        base = Image.fromarray(gray if mode == "LA" else rgb)
+        if mode == "PA":
+            base = base.quantize(16)
+        img = Image.merge(mode, [*base.split(), Image.fromarray(ALPHA)])
+        return img, ".png", over_white(img)
+    if mode == "CMYK":
+        img = Image.fromarray(RNG.integers(0, 256, (8, 8, 4), dtype=np.uint8), "CMYK")
+        return img, ".tif", np.asarray(img.convert("RGB"))
+    return Image.fromarray(gray if mode == "L" else rgb), ".png", gray if mode == "L" else rgb
+
+
+MODES = ["L", "I;16", "I;16B", "I", "1", "LA", "P", "P+transparency", "PA", "RGBA", "CMYK", "RGB"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_modes_are_read_like_pil(tmp_path, monkeypatch, mode):
+    img, suffix, expected = mode_image(mode)
+    path = tmp_path / "folder" / f"image{suffix}"
+    path.parent.mkdir()
+    if mode == "PA":  # no format Pillow writes keeps PA: hand the image to the reader as if opened from the file
+        path.write_bytes(b"")
+        monkeypatch.setattr(Image, "open", lambda p: img)
+    else:
+        img.save(path)
+        assert Image.open(path).mode == mode.split("+")[0]
+    channels = 1 if mode in ("L", "I;16", "I;16B", "I", "1", "LA") else 3
+    ds = data.load_dataset(f"imagefolder:{path.parent}", image_size=8)
+    assert ds.images.shape == (1, channels, 8, 8) and ds.images.is_contiguous() and len(ds.mean) == channels
+    assert np.array_equal(ds.images[0].permute(1, 2, 0).squeeze(2).numpy(), expected)
+    images, files = data.load_image_files(str(path), 8, channels)
+    assert files == [str(path)] and torch.equal(images, ds.images)
+
+
+def test_alpha_is_composited_over_white():
+    for mode in ["LA", "RGBA"]:
+        img, _, expected = mode_image(mode)
+        colour = np.asarray(img)[..., :-1].astype(float).reshape(8, 8, -1)
+        a = ALPHA[:, :, None] / 255
+        assert np.abs(expected.reshape(8, 8, -1) - (colour * a + 255 * (1 - a))).max() <= 1  # up to rounding
+        assert (expected[ALPHA == 0] == 255).all()
+
+
+def test_grayscale_folder_stays_grayscale_and_mixed_folder_is_rgb(tmp_path):
+    (tmp_path / "gray").mkdir()
+    for i, mode in enumerate(["L", "I;16", "1", "LA", "I"]):
+        img, suffix, _ = mode_image(mode)
+        img.resize((12, 10)).save(tmp_path / "gray" / f"{i}{suffix}")
+    gray = data.load_dataset(f"imagefolder:{tmp_path / 'gray'}", image_size=8)
+    assert gray.images.shape == (5, 1, 8, 8) and len(gray.mean) == 1
+    (tmp_path / "mixed").mkdir()
+    grey, colour = RNG.integers(0, 256, (8, 8), dtype=np.uint8), RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "mixed" / "a.png")
+    Image.fromarray(colour).save(tmp_path / "mixed" / "b.png")
+    mixed = data.load_dataset(f"imagefolder:{tmp_path / 'mixed'}", image_size=8)
+    assert mixed.images.shape == (2, 3, 8, 8) and mixed.images.is_contiguous() and len(mixed.mean) == 3
+    assert np.array_equal(mixed.images[0].numpy(), np.stack([grey] * 3)) and np.array_equal(
+        mixed.images[1].permute(1, 2, 0).numpy(), colour)
+
+
+def test_load_image_files(tmp_path):
+    for f in ["b.png", "a/z.png", "a/c/d.png", "a/.hidden.png", ".git/e.png"]:
+        save_png(tmp_path / "new" / f, RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    (tmp_path / "new" / "a" / "notes.txt").write_text("not an image")
+    images, files = data.load_image_files(str(tmp_path / "new"), 16, 3)
+    assert files == sorted(str(tmp_path / "new" / f) for f in ["b.png", "a/z.png", "a/c/d.png"])
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8 and images.is_contiguous()
+    flat = data.load_dataset(f"imagefolder:{tmp_path / 'new' / 'a' / 'c'}", image_size=16)  # read the same way
+    assert torch.equal(images[files.index(str(tmp_path / "new" / "a" / "c" / "d.png"))], flat.images[0])
+    single, one = data.load_image_files(files[0], 16, 3)
+    assert one == files[:1] and torch.equal(single, images[:1])
+    luma, _ = data.load_image_files(str(tmp_path / "new"), 16, 1)  # colour -> 1 channel: PIL's "L"
+    reference = [np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).convert("L")) for x in images]
+    assert luma.shape == (3, 1, 16, 16) and np.array_equal(luma[:, 0].numpy(), np.stack(reference))
+    save_png(tmp_path / "gray" / "g.png", RNG.integers(0, 256, (8, 8), dtype=np.uint8))
+    gray, _ = data.load_image_files(str(tmp_path / "gray"), 8, 1)
+    rgb, _ = data.load_image_files(str(tmp_path / "gray"), 8, 3)  # grayscale -> 3 channels: repeated
+    assert gray.shape == (1, 1, 8, 8) and rgb.shape == (1, 3, 8, 8) and torch.equal(rgb, gray.expand(1, 3, 8, 8))
+    one_paragraph_error("'.*nowhere' does not exist", data.load_image_files, str(tmp_path / "nowhere"), 8, 3)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image")
+    one_paragraph_error("'.*empty' holds no images", data.load_image_files, str(tmp_path / "empty"), 8, 3)
+    (tmp_path / "new" / "a" / "broken.png").write_bytes(b"not a png")
+    one_paragraph_error(r"Cannot read image .*broken\.png", data.load_image_files, str(tmp_path / "new"), 8, 3)
+    one_paragraph_error(r"Cannot read image .*notes\.txt", data.load_image_files, str(tmp_path / "new/a/notes.txt"),
+                        8, 3)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic

@@ -1,9 +1,16 @@
-"""Tests for deepcluster.py: PIC, k-means, PCA-whitening, Sobel, the uniform sampler, augmentation, smoke runs,
-resume and bad input. Each compares against a naive transcription of the thesis / reference algorithm."""
+"""Tests for deepcluster.py: PIC, k-means, PCA-whitening, Sobel, the uniform sampler, augmentation (each against a
+naive transcription of the thesis / reference algorithm), fp32 features, and whole runs: smoke, kill + resume, the
+resume rule, --predict, non-finite losses and bad input.
+
+    python -m pytest tests/test_deepcluster.py -q
+"""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +22,7 @@ sys.path.insert(0, ROOT)
 import deepcluster as dc  # noqa: E402
 from knn import knn  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
 
@@ -300,106 +307,249 @@ def test_uniform_sampler_balanced_with_100x_sizes():
     big = picks[labels[picks] == 0]
     assert big.unique().numel() == big.numel()  # a big cluster is drawn without replacement
 
-
 def test_augmentation_per_image_parameters():
     torch.manual_seed(0)
     img = torch.rand(1, 1, 16, 16).expand(64, 1, 16, 16).contiguous()
-    out = dc.random_resized_crop_flip(img, 0.2)
+    out = dc.random_resized_crop_flip(img, (0.2, 1.0), padding_mode="reflection")
     assert out.shape == img.shape
     assert torch.cdist(out.flatten(1), out.flatten(1)).triu(1)[torch.triu_indices(64, 64, 1).unbind()].min() > 0
     # with full-area square crops only the flip is random: each output is the image or its mirror, both occur
-    out = dc.random_resized_crop_flip(img, 1.0, ratio=(1.0, 1.0))
+    out = dc.random_resized_crop_flip(img, (1.0, 1.0), ratio=(1.0, 1.0), padding_mode="reflection")
     same = (out - img).abs().flatten(1).max(1).values < 1e-5
     mirror = (out - img.flip(3)).abs().flatten(1).max(1).values < 1e-5
     assert (same | mirror).all() and same.any() and mirror.any()
 
 
+# ---------------------------------------------------------------------------------------------------- evaluation
+MEAN, STD = (0.5,), (0.25,)
+
+
+def small_model_and_images(n=60, seed=0):
+    torch.manual_seed(seed)
+    model = dc.DeepClusterNet("small", 1, True)
+    return model, torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8)
+
+
+def test_features_are_float32_even_under_autocast():
+    """PCA-whitening amplifies the weakest directions: the features it gets must be fp32, never bf16 autocast's."""
+    model, images = small_model_and_images()
+    plain = dc.extract_features(model, images, MEAN, STD)
+    conv = dc.extract_features(model, images, MEAN, STD, conv=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16  # autocast is really on
+        under = dc.extract_features(model, images, MEAN, STD)
+        under_conv = dc.extract_features(model, images, MEAN, STD, conv=True)
+    assert under.dtype == under_conv.dtype == torch.float32
+    assert torch.equal(under, plain) and torch.equal(under_conv, conv)
+    with torch.no_grad():                                     # and they are the eval-mode network's plain output
+        model.eval()
+        x = (images.float() / 255 - 0.5) / 0.25
+        assert torch.allclose(plain, model(x), atol=1e-6) and torch.allclose(conv, model.features(x), atol=1e-6)
+    if torch.cuda.is_available():
+        on_gpu = dc.extract_features(model.cuda(), images.cuda(), MEAN, STD)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(dc.extract_features(model, images.cuda(), MEAN, STD), on_gpu)
+        assert on_gpu.dtype == torch.float32
+
+
+def test_final_evaluation_rows_and_top_layer_input(monkeypatch):
+    """Three k = #classes evaluations: pre-ReLU descriptors, the same after the ReLU (the top layer's input) and the
+    conv features; the predictions (and --predict's centroids) come from the second."""
+    model, images = small_model_and_images()
+    test = dc.data.Dataset(images, torch.arange(60) % 3, ["a", "b", "c"], MEAN, STD)
+    seen, real = [], dc.kmeans_evaluation
+
+    def spy(feats, *a, **kw):
+        seen.append(feats.clone())
+        return real(feats, *a, **kw)
+    monkeypatch.setattr(dc, "kmeans_evaluation", spy)
+    args = type("A", (), {"final_clusters": 3, "clustering": "kmeans", "test_split": "test", "epochs": 0})()
+    rows, probs, centroids = dc.final_evaluation(args, model, test)
+    assert [r["features"] for r in rows] == ["descriptors", "top_layer_input", "conv"]
+    for r in rows:
+        assert {"acc", "nmi", "ari", "top5", "K", "n", "ratio_edge_intra_class"} <= set(r) and r["n"] == 60
+    desc = dc.extract_features(model, images, MEAN, STD)
+    assert torch.equal(seen[0], desc) and (desc < 0).any()
+    assert torch.equal(seen[1], desc.clamp(min=0))
+    assert seen[2].shape == (60, 128 * 9)
+    _, expected_probs, expected_centroids = real(desc.clamp(min=0), test.labels, test.classes, 3, "again")
+    assert torch.equal(probs, expected_probs) and torch.equal(centroids, expected_centroids)
+    x = torch.nn.functional.normalize(desc.clamp(min=0), dim=1)   # each image's cluster: the nearest centroid
+    assert torch.equal(probs.argmax(1), torch.cdist(x, centroids).argmin(1))
+
+
+def test_after_relu_clusters_the_top_layer_input():
+    model, images = small_model_and_images(40)
+    pre = dc.extract_features(model, images, MEAN, STD)
+    assert (pre < 0).any() and torch.equal(torch.relu(pre), pre.clamp(min=0))
+    assert "after_relu" in dc.CONFIG_KEYS  # a checkpoint clustered on the other side of the ReLU is not reused
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
-def run_script(*args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "deepcluster.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+def run_script(*args, wait=True, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "deepcluster.py"), "--threads", "1", "--log-every", "0.2", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-QUICK = ["--dataset", "synthetic", "--quick", "--epochs", "2", "--image-size", "16"]  # 16 px: a fast smoke run
+# --quick (3 epochs) on 600 images of 16 px and 300 test images: a whole run in seconds
+QUICK = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "600", "--test-subset", "300"]
+
+
+def write_pngs(folder, n, seed=0, size=16):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):  # two kinds of image: stripes and flat colour, with noise
+        y = np.arange(size)[:, None] * np.ones(size)
+        img = (127 + 100 * np.sin(y * (1 + i % 2))) if i % 2 else np.full((size, size), 60.0 + 3 * (i % 40))
+        img = np.clip(img[..., None] + g.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def wait_for_checkpoint_then_kill(proc, path, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert os.path.exists(path), out
+    return torch.load(path, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def kmeans_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("km")
     r = run_script(*QUICK, "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     return out, r
-
-
-def check_outputs(out, epochs):
-    results = json.load(open(out / "results.json"))
-    assert [r["features"] for r in results] == ["descriptors", "top_layer_input", "conv"]
-    result = results[0]
-    assert {"acc", "nmi", "ari", "top5", "K", "nonempty", "ratio_edge_intra_class"} <= set(result)
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
-    for r in log:
-        assert {"num_clusters", "singletons", "nmi_labels", "ratio_edge_intra_class", "knn_acc", "loss"} <= set(r)
-    assert "nmi_prev" in log[-1]
-    rows = open(out / "predictions.csv").read().splitlines()
-    assert rows[0] == "index,cluster,confidence,label" and len(rows) == 1001
-    assert os.path.getsize(out / "prototypes.png") > 0 and os.path.exists(out / "checkpoint.pt")
-    return result, log
 
 
 def test_smoke_kmeans(kmeans_run):
     out, r = kmeans_run
-    result, log = check_outputs(out, 2)
-    assert result["K"] == 10 and log[0]["num_clusters"] == 100
-    assert "final" in r.stdout
+    results = json.load(open(out / "results.json"))
+    assert results["script"] == "deepcluster.py" and results["dataset"] == "synthetic"
+    assert [row["features"] for row in results["rows"]] == ["descriptors", "top_layer_input", "conv"]
+    for row in results["rows"]:
+        assert {"acc", "nmi", "ari", "top5", "K", "n", "ratio_edge_intra_class"} <= set(row)
+        assert row["K"] == 10 and row["n"] == 300 and row["epochs"] == 3
+    assert results["final"]["features"] == "top_layer_input" and results["args"]["epochs"] == 3  # --quick: 3
+    log = read_log(out)
+    assert [row["epoch"] for row in log] == [1, 2, 3]
+    for row in log:
+        assert {"num_clusters", "singletons", "nmi_labels", "ratio_edge_intra_class", "knn_acc", "loss"} <= set(row)
+        assert row["num_clusters"] == 100
+    assert "nmi_prev" in log[-1]
+    lines = open(out / "predictions.csv").read().splitlines()
+    assert lines[0] == "index,label,cluster,confidence" and len(lines) == 301
+    ckpt = torch.load(out / "deepcluster.pt", weights_only=False)
+    assert ckpt["complete"] and ckpt["epoch"] == 3 and ckpt["centroids"].shape == (10, 512)
+    assert os.path.getsize(out / "prototypes.png") > 0 and not (out / ".lock").exists()
 
 
-def test_final_evaluation_rows_and_top_layer_input(monkeypatch, tmp_path):
-    """Three k = #classes evaluations: pre-ReLU descriptors, the same after the ReLU (the top layer's input) and the
-    conv features; predictions.csv holds the clusters of the second."""
-    torch.manual_seed(0)
-    model = dc.DeepClusterNet("small", 1, True)
-    images = torch.randint(0, 256, (60, 1, 16, 16), dtype=torch.uint8)
-    ds = type("DS", (), {"labels": torch.arange(60) % 3})()
-    seen, real = [], dc.kmeans_evaluation
-
-    def spy(feats, target, k):
-        seen.append(feats.clone())
-        return real(feats, target, k)
-    monkeypatch.setattr(dc, "kmeans_evaluation", spy)
-    args = type("A", (), {"out_dir": str(tmp_path)})()
-    rows = dc.final_evaluation(args, model, ds, images, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 3)
-    assert [r["features"] for r in rows] == ["descriptors", "top_layer_input", "conv"]
-    desc = dc.extract_features(model, images, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
-    assert torch.equal(seen[0], desc) and (desc < 0).any()
-    assert torch.equal(seen[1], desc.clamp(min=0))
-    assert seen[2].shape == (60, 128 * 9)
-    clusters = [int(line.split(",")[1]) for line in open(tmp_path / "predictions.csv").read().splitlines()[1:]]
-    expected, _, _ = real(desc.clamp(min=0), ds.labels, 3)
-    assert clusters == expected.tolist()
+def test_explicit_flags_win_over_quick():
+    quick = dc.parse_args(["--quick"])
+    assert (quick.epochs, quick.arch, quick.subset) == (3, "small", 2000)
+    mine = dc.parse_args(["--quick", "--epochs", "6", "--arch=alexnet", "--subset", "500"])
+    assert (mine.epochs, mine.arch, mine.subset, mine.test_subset) == (6, "alexnet", 500, 1000)
+    assert dc.parse_args(["--epochs", "6"]).arch == "alexnet"
 
 
-def test_smoke_pic(tmp_path):
-    r = run_script(*QUICK, "--clustering", "pic", "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    _, log = check_outputs(tmp_path, 2)
-    assert all("power_iters" in rec and rec["power_iters"] <= 200 for rec in log)
+def finite(ckpt):
+    return all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_resume_gives_the_same_run(kmeans_run, tmp_path):
+def test_quick_preset_resume_rule_and_divergence(tmp_path):
+    """--quick --epochs 2 runs 2 epochs (the preset's 3 do not override it). A run killed after epoch 1: --epochs
+    may not change; a huge --lr diverges, stops naming epoch and step and saves nothing; a lower --lr resumes it,
+    reported, and the log keeps each epoch once."""
+    out = tmp_path / "run"
+    proc = run_script(*QUICK, "--epochs", "2", "--out-dir", str(out), wait=False)
+    ckpt = wait_for_checkpoint_then_kill(proc, out / "deepcluster.pt")
+    assert ckpt["epoch"] == 1 and not ckpt["complete"] and ckpt["config"]["epochs"] == 2 and finite(ckpt)
+    refused = run_script(*QUICK, "--epochs", "3", "--out-dir", str(out))            # epochs: not while unfinished
+    assert refused.returncode == 2 and "--epochs 2 (now 3)" in refused.stderr, refused.stderr
+    diverged = run_script(*QUICK, "--epochs", "2", "--lr", "1e12", "--out-dir", str(out))
+    assert diverged.returncode == 2 and "Traceback" not in diverged.stderr, diverged.stdout + diverged.stderr
+    assert re.search(r"loss became non-finite at epoch 2 step \d+;.* resumes after deepcluster epoch 1",
+                     diverged.stderr), diverged.stderr
+    ckpt = torch.load(out / "deepcluster.pt", weights_only=False)                 # the last good one, untouched
+    assert ckpt["epoch"] == 1 and finite(ckpt) and [row["epoch"] for row in read_log(out)] == [1]
+    r = run_script(*QUICK, "--epochs", "2", "--lr", "0.03", "--out-dir", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming with --lr 0.03 (the checkpoint used 0.05)" in r.stdout and "resuming after epoch 1" in r.stdout
+    log = read_log(out)
+    assert [row["epoch"] for row in log] == [1, 2] and [row["lr"] for row in log] == [0.05, 0.03]
+    results = json.load(open(out / "results.json"))
+    assert results["final"]["epochs"] == 2 and results["args"]["lr"] == 0.03
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(kmeans_run, tmp_path):
     full, _ = kmeans_run
-    r = run_script(*QUICK[:4], "1", *QUICK[5:], "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    r = run_script(*QUICK, "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "resumed" in r.stdout and "epoch 1/" not in r.stdout
-    a = [json.loads(line) for line in open(full / "log.jsonl")]
-    b = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    out = tmp_path / "run"
+    proc = run_script(*QUICK, "--out-dir", str(out), wait=False)
+    epoch = wait_for_checkpoint_then_kill(proc, out / "deepcluster.pt")["epoch"]
+    assert epoch < 3
+    # as if the kill had come between the in-flight epoch's log line and its checkpoint
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "deepcluster", "epoch": epoch + 1, "loss": 123.0}) + "\n")
+    r = run_script(*QUICK, "--out-dir", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming after epoch {epoch}" in r.stdout and "epoch 1/3" not in r.stdout
+    a, b = read_log(full), read_log(out)
+    assert [row["epoch"] for row in b] == [1, 2, 3]                                 # each epoch once
     for x, y in zip(a, b):
-        assert x["nmi_labels"] == pytest.approx(y["nmi_labels"], abs=1e-6)
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
-    ra, rb = (json.load(open(p / "results.json"))[0] for p in (full, tmp_path))
-    assert ra["acc"] == pytest.approx(rb["acc"], abs=1e-6)
+        assert x["nmi_labels"] == pytest.approx(y["nmi_labels"], abs=1e-9) and x["loss"] == pytest.approx(y["loss"])
+    assert json.load(open(out / "results.json"))["rows"] == json.load(open(full / "results.json"))["rows"]
+
+
+def test_finished_run_refuses_other_epochs_and_keeps_its_results(kmeans_run):
+    out, _ = kmeans_run
+    before = (out / "results.json").read_bytes()
+    for flags in (["--epochs", "4"], ["--epochs", "2"], ["--lr", "0.01"]):              # finished: nothing may change
+        r = run_script(*QUICK, *flags, "--out-dir", str(out))
+        assert r.returncode == 2 and flags[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_predict_a_folder_and_refuse_an_unfinished_run(kmeans_run, tmp_path):
+    out, _ = kmeans_run
+    folder = write_pngs(tmp_path / "new", 5)
+    r = run_script("--predict", str(folder), "--out-dir", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = open(out / "predict-new.csv").read().splitlines()
+    assert lines[0] == "file,cluster,confidence" and len(lines) == 6
+    assert all(0 <= int(l.split(",")[1]) < 10 and 0 < float(l.split(",")[2]) <= 1 for l in lines[1:])
+    assert os.path.getsize(out / "predict-new.png") > 0
+    one = run_script("--predict", str(folder / "img000.png"), "--out-dir", str(out))   # a single image
+    assert one.returncode == 0 and len(open(out / "predict-img000.csv").read().splitlines()) == 2
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    r = run_script("--predict", str(folder), "--out-dir", str(unfinished))
+    assert r.returncode == 2 and "no finished" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("--predict", str(tmp_path / "missing"), "--out-dir", str(out))
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pic_on_an_unlabelled_image_folder(tmp_path):
+    """PIC needs no --num-clusters (its default must not refuse 80 images); no labels: no label metrics."""
+    folder = write_pngs(tmp_path / "flat", 80)
+    out = tmp_path / "pic"
+    r = run_script("--dataset", f"imagefolder:{folder}", "--clustering", "pic", "--quick", "--epochs", "2",
+                   "--image-size", "16", "--batch-size", "32", "--out-dir", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = read_log(out)
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert all(row["power_iters"] <= 200 and row["num_clusters"] >= 1 and "nmi_labels" not in row for row in log)
+    results = json.load(open(out / "results.json"))
+    assert all(row["num_clusters"] == 10 and 2 <= row["K"] <= 10 and "acc" not in row for row in results["rows"])
+    assert len(open(out / "predictions.csv").read().splitlines()) == 81
 
 
 def test_bad_input_exits_2_in_a_real_process(tmp_path):
@@ -407,49 +557,42 @@ def test_bad_input_exits_2_in_a_real_process(tmp_path):
     assert r.returncode == 2 and "nonexistent" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_one_class_dataset_is_refused(tmp_path):
+    write_pngs(tmp_path / "data" / "cats", 20)
+    r = run_script("--dataset", f"imagefolder:{tmp_path / 'data'}", "--image-size", "16", "--out-dir",
+                   str(tmp_path / "out"))
+    assert r.returncode == 2 and "single class" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["--dataset", "synthetic", "--num-clusters", "1"], "--num-clusters"),
     (["--dataset", "synthetic", "--quick", "--num-clusters", "5000"], "--num-clusters"),
     (["--dataset", "synthetic", "--epochs", "-1"], "--epochs"),
+    (["--dataset", "synthetic", "--threads", "-1"], "--threads"),
+    (["--dataset", "synthetic", "--lr", "-1"], "--lr"),
+    (["--dataset", "synthetic", "--quick", "--lr", "0"], "--lr"),
+    (["--dataset", "synthetic", "--quick", "--crop-min", "1.5"], "--crop-min"),
+    (["--dataset", "synthetic", "--quick", "--batch-size", "3000"], "--batch-size"),
     (["--dataset", "synthetic", "--arch", "vgg99"], "arch"),
     (["--dataset", "synthetic", "--device", "tpu"], "tpu"),
     (["--dataset", "imagefolder:/nonexistent/folder"], "/nonexistent/folder"),
 ])
 def test_bad_input_exits_2(args, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        dc.main(args + ["--out-dir", str(tmp_path)])
-    assert e.value.code == 2 and words in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "checkpoint.pt")
+        dc.runtime.main(dc.SCRIPT, dc.run, args + ["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "deepcluster.pt")
 
 
 def test_bad_checkpoint_exits_2(kmeans_run, tmp_path, capsys):
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "deepcluster.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as e:
-        dc.main(QUICK + ["--out-dir", str(tmp_path)])
+        dc.runtime.main(dc.SCRIPT, dc.run, QUICK + ["--out-dir", str(tmp_path)])
     assert e.value.code == 2 and "corrupted" in capsys.readouterr().err
-    assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+    assert (tmp_path / "deepcluster.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
     full, _ = kmeans_run  # a checkpoint from another configuration
-    (tmp_path / "checkpoint.pt").write_bytes((full / "checkpoint.pt").read_bytes())
+    (tmp_path / "deepcluster.pt").write_bytes((full / "deepcluster.pt").read_bytes())
     with pytest.raises(SystemExit) as e:
-        dc.main(QUICK + ["--no-sobel", "--out-dir", str(tmp_path)])
-    assert e.value.code == 2 and "another configuration" in capsys.readouterr().err
-
-
-def test_after_relu_clusters_the_top_layer_input_and_old_checkpoints_load(tmp_path):
-    torch.manual_seed(0)
-    model = dc.DeepClusterNet("small", 1, True)
-    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
-    mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
-    pre = dc.extract_features(model, images, mean, std)
-    post = dc.extract_features(model, images, mean, std, after_relu=True)
-    assert (pre < 0).any() and torch.equal(post, pre.clamp(min=0))
-    conv = dc.extract_features(model, images, mean, std, conv=True, after_relu=True)
-    assert torch.equal(conv, dc.extract_features(model, images, mean, std, conv=True))  # conv rows unaffected
-    # a checkpoint written before --after-relu existed is the default (before the ReLU), not another configuration
-    args = dc.parse_args(QUICK + ["--out-dir", str(tmp_path)])
-    saved = {k: getattr(args, k) for k in dc.CONFIG_KEYS if k != "after_relu"}
-    torch.save(dict(model={}, optimizer={}, epoch=1, labels=None, args=saved), tmp_path / "checkpoint.pt")
-    assert dc.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)["epoch"] == 1
-    args.after_relu = True
-    with pytest.raises(dc.UsageError, match="after-relu"):
-        dc.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)
+        dc.runtime.main(dc.SCRIPT, dc.run, QUICK + ["--no-sobel", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--no-sobel False (now True)" in capsys.readouterr().err

@@ -1,8 +1,15 @@
-"""knn.py against a float64 brute force (exact order, ties to the lower index) and against faiss."""
+"""knn.py against a float64 brute force (exact order, ties to the lower index), against faiss, and distributed
+(gloo processes on the CPU) against one process."""
+
+import os
+import socket
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from knn import GROUP, knn
 
@@ -146,3 +153,65 @@ def test_k_equal_to_all_other_points_is_allowed():
     feats = torch.randn(10, 4)
     _, indices = knn(feats, k=9)
     assert all(sorted(row) == sorted(set(range(10)) - {i}) for i, row in enumerate(indices.tolist()))
+
+
+def _distributed_cases(world):
+    """(queries, keys, knn arguments): built alike in every process."""
+    gen = torch.Generator().manual_seed(6)
+    feats = torch.randn(599, 8, generator=gen)                              # N odd
+    # integer-valued points with many duplicates: exact ties everywhere, also at the k-th place
+    ties = torch.randint(0, 3, (700, 3), generator=gen).float() + torch.tensor([1.0, 0, 0])
+    if world > 2:
+        return [(feats, None, dict(k=10, chunk_size=64)), (ties, None, dict(k=25, metric="l2", chunk_size=64)),
+                (feats[:301], feats, dict(k=10, metric="ip", chunk_size=50))]
+    cases = []
+    for metric in ("cosine", "ip", "l2"):
+        for exclude_self in (True, False):
+            cases.append((feats, None, dict(k=10, metric=metric, exclude_self=exclude_self, chunk_size=64)))
+            cases.append((ties, None, dict(k=25, metric=metric, exclude_self=exclude_self, chunk_size=64)))
+        cases.append((feats[:301], feats, dict(k=10, metric=metric, chunk_size=50)))    # separate keys
+        cases.append((ties[:301], ties, dict(k=25, metric=metric, chunk_size=64)))
+    cases.append((feats[:200], None, dict(k=70, chunk_size=32)))   # k above a range's size: lists filled by others
+    cases.append((feats[:578], None, dict(k=10, metric="l2", exclude_self=False, chunk_size=64)))  # last block: 2 rows
+    cases.append((feats, None, dict(k=10)))                        # one block: one rank does it all
+    cases.append((feats[:301], feats, dict(k=10)))
+    return cases
+
+
+def _distributed_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        for queries, keys, kwargs in _distributed_cases(world):
+            scores, indices = knn(queries, keys, distributed=True, **kwargs)
+            ref_scores, ref_indices = knn(queries, keys, **kwargs)
+            assert torch.equal(indices, ref_indices), (rank, queries.shape, kwargs)
+            assert torch.equal(scores, ref_scores), (rank, queries.shape, kwargs)   # bit for bit
+        # the default inside a process group: the whole search on every rank, no communication (rank 1 does not
+        # call knn at all, and the ranks pass different points)
+        if rank != 1:
+            feats = torch.randn(300 + 50 * rank, 6, generator=torch.Generator().manual_seed(rank))
+            scores, indices = knn(feats, k=5, metric="l2")
+            ref_scores, ref_indices = brute_force(feats, feats, 5, "l2", exclude_self=True)
+            assert torch.equal(indices, ref_indices)
+            torch.testing.assert_close(scores.double(), ref_scores, atol=1e-4, rtol=1e-4)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_equals_one_process(world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork where there is one: spawned children would each import torch again, which takes seconds
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_distributed_worker, args=(world, port), nprocs=world, start_method=method)
+
+
+def test_distributed_without_process_group_is_the_plain_search():
+    feats = torch.randn(500, 8, generator=torch.Generator().manual_seed(7))
+    plain, flagged = knn(feats, k=7), knn(feats, k=7, distributed=True)
+    assert torch.equal(plain[0], flagged[0]) and torch.equal(plain[1], flagged[1])

@@ -1,27 +1,47 @@
-"""Tests of scan.py: losses against loop transcriptions of the equations, augmentations, and whole runs (subprocess).
+"""Tests of scan.py: losses against loop transcriptions of the equations, the stages' pieces, and whole runs in
+subprocesses (kill and resume, Ctrl-C, bad input, foreign checkpoints, a diverged run, --predict).
 
     python -m pytest tests/test_scan.py -q
 """
-import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+
+import data
+import runtime
+import scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import scan  # noqa: E402
-
 torch.set_num_threads(1)
+# A tiny run: 300 synthetic 16x16 images, a few epochs of each stage (seconds).
+TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--pretext-epochs", "3",
+        "--scan-epochs", "2", "--selflabel-epochs", "2", "--warmup-steps", "30", "--pixel-check", "100",
+        "--device", "cpu", "--threads", "1", "--log-every", "1000"]
+
+
+def run(*args, wait=True, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "scan.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def rows(out):
+    return json.load(open(os.path.join(out, "results.json")))["rows"]
+
+
+def log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
 # ---------------------------------------------------------------- losses vs naive transcriptions (values + gradients)
@@ -66,7 +86,6 @@ def test_scan_loss_matches_loop_and_entropy_sign():
     assert torch.allclose(v, v_ref, atol=1e-10) and all(torch.allclose(x, y, atol=1e-10) for x, y in zip(g, g_ref))
     total, consistency, entropy = scan.scan_loss(a, n, 5.0)
     assert torch.allclose(total, consistency - 5.0 * entropy)
-    # uniform use of the clusters maximises the entropy term (log K) and so lowers the loss
     uniform = torch.eye(4).repeat(2, 1) * 20                                   # 8 confident samples, 2 per cluster
     collapsed = torch.zeros(8, 4)
     collapsed[:, 0] = 20
@@ -80,18 +99,15 @@ def test_scan_loss_matches_loop_and_entropy_sign():
 def naive_structured(qa_logits, qb_logits, za, zb, tau_c, tau_cc, eta_cc, lambda_b):
     B, c = qa_logits.shape
     qa, qb = qa_logits.softmax(1), qb_logits.softmax(1)
-    # Eq. (4)-(5), averaged over the batch
-    l_cl = sum(-torch.exp(za[i] @ zb[i] / tau_c) * torch.log(qa[i] @ qb[i]) for i in range(B)) / B
-    pa, pb = qa.t(), qb.t()
-    pa = torch.stack([p / torch.sqrt(sum(v * v for v in p)) for p in pa])      # unit cluster vectors (cosine)
-    pb = torch.stack([p / torch.sqrt(sum(v * v for v in p)) for p in pb])
+    l_cl = sum(-torch.exp(za[i] @ zb[i] / tau_c) * torch.log(qa[i] @ qb[i]) for i in range(B)) / B   # Eq. (4)-(5)
+    pa = torch.stack([p / torch.sqrt(sum(v * v for v in p)) for p in qa.t()])  # unit cluster vectors (cosine)
+    pb = torch.stack([p / torch.sqrt(sum(v * v for v in p)) for p in qb.t()])
 
-    def l_cc(p, q):  # Eq. (6), gamma = 1, cosine similarity of the cluster vectors
+    def l_cc(p, q):  # Eq. (6), gamma = 1
         total = 0.0
         for l in range(c):
-            num = torch.exp(p[l] @ q[l] / tau_cc)
             den = sum(torch.exp(p[l] @ q[j] / tau_cc) for j in range(c) if j != l)
-            total = total - torch.log(num / den)
+            total = total - torch.log(torch.exp(p[l] @ q[l] / tau_cc) / den)
         return total
     L_cc = (l_cc(pa, pb) + l_cc(pb, pa)) / (2 * c)                            # Eq. (7), one batch
     qbar = [sum(qa[i, l] for i in range(B)) / B for l in range(c)]
@@ -102,34 +118,38 @@ def naive_structured(qa_logits, qb_logits, za, zb, tau_c, tau_cc, eta_cc, lambda
 def test_structured_loss_matches_loop():
     torch.manual_seed(2)
     a, b = torch.randn(7, 5), torch.randn(7, 5)
-    za, zb = F.normalize(torch.randn(7, 3), dim=1), F.normalize(torch.randn(7, 3), dim=1)
+    za, zb = F.normalize(torch.randn(7, 3), dim=1).double(), F.normalize(torch.randn(7, 3), dim=1).double()
     args = (8.0, 1.0, 1.0, 5.0)
-    v, g = grads(lambda x, y: scan.structured_loss(x, y, za.double(), zb.double(), *args)[0], a, b)
-    v_ref, g_ref = grads(lambda x, y: naive_structured(x, y, za.double(), zb.double(), *args)[0], a, b)
+    v, g = grads(lambda x, y: scan.structured_loss(x, y, za, zb, *args)[0], a, b)
+    v_ref, g_ref = grads(lambda x, y: naive_structured(x, y, za, zb, *args)[0], a, b)
     assert torch.allclose(v, v_ref, atol=1e-10) and all(torch.allclose(x, y, atol=1e-10) for x, y in zip(g, g_ref))
-    # each term separately, with other weights and temperatures
-    terms = scan.structured_loss(a.double(), b.double(), za.double(), zb.double(), 0.5, 0.3, 2.0, 3.0)
-    ref = naive_structured(a.double(), b.double(), za.double(), zb.double(), 0.5, 0.3, 2.0, 3.0)
-    for t, r in zip(terms, ref):
+    terms = scan.structured_loss(a.double(), b.double(), za, zb, 0.5, 0.3, 2.0, 3.0)   # each term, other weights
+    for t, r in zip(terms, naive_structured(a.double(), b.double(), za, zb, 0.5, 0.3, 2.0, 3.0)):
         assert torch.allclose(t, r, atol=1e-10)
-    # the neighbour weights: identical embeddings weigh exp(1 / tau_c), opposite ones exp(-1 / tau_c)
-    same = scan.structured_loss(a, b, za, za, 8.0, 1.0, 0.0, 0.0)[1]
-    opposite = scan.structured_loss(a, b, za, -za, 8.0, 1.0, 0.0, 0.0)[1]
+    same = scan.structured_loss(a, b, za.float(), za.float(), 8.0, 1.0, 0.0, 0.0)[1]    # w_ij = exp(z_i.z_j / tau_c)
+    opposite = scan.structured_loss(a, b, za.float(), -za.float(), 8.0, 1.0, 0.0, 0.0)[1]
     assert torch.allclose(same / opposite, torch.tensor(math.exp(2 / 8.0)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["scan", "structured"])
+def test_losses_of_several_heads_at_once_equal_one_head_at_a_time(loss):
+    torch.manual_seed(3)
+    a, n = torch.randn(3, 6, 4), torch.randn(3, 6, 4)                         # [H, B, C]
+    za, zn = F.normalize(torch.randn(6, 5), dim=1), F.normalize(torch.randn(6, 5), dim=1)
+    fn = (lambda x, y: scan.scan_loss(x, y, 5.0)[0]) if loss == "scan" else \
+        (lambda x, y: scan.structured_loss(x, y, za, zn)[0])
+    assert torch.allclose(fn(a, n), torch.stack([fn(a[h], n[h]) for h in range(3)]), atol=1e-6)
 
 
 def naive_confidence_ce(weak, strong, thr):
     p = weak.softmax(1)
     conf = [i for i in range(len(p)) if p[i].max() > thr]
-    if not conf:
-        return None
     labels = {i: int(p[i].argmax()) for i in conf}
-    classes = sorted(set(labels.values()))
     per_class = []  # class-balanced: every pseudo-class contributes its mean loss equally
-    for c in classes:
+    for c in sorted(set(labels.values())):
         members = [i for i in conf if labels[i] == c]
         per_class.append(sum(-F.log_softmax(strong[i], 0)[c] for i in members) / len(members))
-    return sum(per_class) / len(classes)
+    return sum(per_class) / len(per_class)
 
 
 def test_confidence_ce_matches_loop_and_balances():
@@ -145,219 +165,226 @@ def test_confidence_ce_matches_loop_and_balances():
     assert n == int((weak.softmax(1).max(1).values > 0.99).sum()) >= 15
     unconfident = weak.softmax(1).max(1).values <= 0.99
     assert unconfident.sum() > 10 and g[0][unconfident].abs().sum() == 0       # unconfident samples: no gradient
+    assert scan.confidence_ce(torch.zeros(8, 5), torch.randn(8, 5), 0.99) == (None, 0)
 
 
-def test_confidence_ce_no_confident_sample_is_skipped():
-    loss, n = scan.confidence_ce(torch.zeros(8, 5), torch.randn(8, 5), 0.99)
-    assert loss is None and n == 0
+# ---------------------------------------------------------------- stage pieces, in process
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    args = scan.parse_args(TINY + ["--out-dir", str(tmp_path_factory.mktemp("unit"))])
+    args.device = "cpu"
+    _, train, test = scan.load_data(args)
+    args.num_clusters = len(train.classes)
+    return args, train, test
 
 
-# ---------------------------------------------------------------- augmentations
-def images(B=64, C=3, S=32, seed=0):
-    return torch.randint(0, 256, (B, C, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("C,S", [(3, 32), (1, 28)])
-def test_augment_shapes_ranges_and_independence(C, S):
-    x = images(32, C, S)
-    x[:] = x[0]                                                                # 32 copies of one image
-    mean, std = (0.5,) * C, (0.25,) * C
-    for fn in (scan.simclr_augment, scan.strong_augment):
-        torch.manual_seed(0)
-        out = fn(x, mean, std)
-        assert out.shape == (32, C, S, S) and out.dtype == torch.float32 and torch.isfinite(out).all()
-        raw = out * 0.25 + 0.5                                                 # un-normalised
-        assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
-        distinct = len({tuple(o.flatten().tolist()) for o in out})
-        assert distinct >= 30, f"{fn.__name__}: copies of one image must get independent parameters ({distinct})"
-
-
-def test_augment_identity_at_zero_magnitude():
-    x = images(16).float() / 255
-    B = len(x)
-    one, zero = torch.ones(B), torch.zeros(B)
-    assert torch.allclose(scan.random_resized_crop_flip(x, scale=(1, 1), ratio=(1, 1), flip_p=0), x, atol=1e-5)
-    assert torch.allclose(scan.color_jitter(x, p=0.0), x, atol=1e-5)
-    assert torch.allclose(scan.color_jitter(x, 0, 0, 0, 0, p=1.0), x, atol=1e-6)
-    half = torch.full((B,), 0.5)                                               # geometric ops: u = 0.5 is no motion
-    warps = [scan.affine(x, scan.affine_matrix(torch.full((B,), k), half)) for k in range(5)]
-    for y in [*warps, scan.adjust_brightness(x, one),
-              scan.adjust_contrast(x, one), scan.adjust_saturation(x, one), scan.sharpness(x, one),
-              scan.posterize(x, 8 * one), scan.solarize(x, one + 1 / 255)]:
-        assert torch.allclose(y, x, atol=1e-5)
-    assert torch.allclose(scan.hue_matrix(zero), torch.eye(3).expand(B, 3, 3), atol=1e-5)
-
-
-def test_affine_equals_torch_affine_grid_for_random_matrices():
-    x = torch.rand(8, 3, 12, 10)
-    theta = torch.randn(8, 2, 3) * 0.5 + torch.tensor([[1.0, 0, 0], [0, 1, 0]])
-    for padding in ["zeros", "border"]:
-        reference = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode=padding,
-                                  align_corners=False)
-        assert torch.allclose(scan.affine(x, theta, padding), reference, atol=1e-5)
-
-
-def test_pixel_ops_match_pil():
-    x8 = images(6, 3, 16, seed=4)
-    x = x8.float() / 255
-    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x8]
-    back = lambda ims: torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in ims]).float() / 255
-    assert torch.allclose(scan.equalize(x), back([ImageOps.equalize(im) for im in pil]), atol=1.5 / 255)
-    assert torch.allclose(scan.autocontrast(x), back([ImageOps.autocontrast(im) for im in pil]), atol=1.5 / 255)
-    assert torch.allclose(scan.posterize(x, torch.full((6,), 5.0)), back([ImageOps.posterize(im, 5) for im in pil]), atol=1e-6)
-    assert torch.allclose(scan.solarize(x, torch.full((6,), 100 / 255)), back([ImageOps.solarize(im, 100) for im in pil]), atol=1e-6)
-    for f in [0.0, 0.5]:                                                       # 0: PIL's SMOOTH filter itself
-        pil_sharp = back([ImageEnhance.Sharpness(im).enhance(f) for im in pil])
-        assert torch.allclose(scan.sharpness(x, torch.full((6,), f)), pil_sharp, atol=1.5 / 255)
-    # a 90-degree rotation by grid_sample is exact on pixel centres (PIL rotates counter-clockwise)
-    rot = scan.affine(x, scan.affine_matrix(torch.zeros(6, dtype=torch.long), torch.full((6,), 2.0)))  # u=2: 90 deg
-    assert torch.allclose(rot, back([im.rotate(90) for im in pil]), atol=1e-4)
-
-
-def test_hue_keeps_luma_and_is_identity_on_grayscale():
-    x = torch.rand(8, 3, 8, 8) * 0.5 + 0.25
-    m = scan.hue_matrix(torch.full((8,), 0.1))
-    y = torch.einsum("bij,bjhw->bihw", m, x)
-    assert torch.allclose(scan.grayscale(y), scan.grayscale(x), atol=1e-5) and not torch.allclose(y, x, atol=1e-2)
-    g = torch.rand(8, 1, 8, 8)
+def test_pixel_check_compares_with_brute_force_pixel_neighbours(tiny):
+    args, train, _ = tiny
     torch.manual_seed(0)
-    out = scan.color_jitter(g, 0, 0, 0.4, 0.1, p=1.0)                           # only saturation and hue: no-ops
-    assert torch.allclose(out, g, atol=1e-6)
-    assert torch.allclose(scan.color_jitter(g, 0, 0, 0, 0, p=1.0, grayscale_p=1.0), g, atol=1e-6)
-    rgb = torch.rand(4, 3, 8, 8)
-    gray = scan.color_jitter(rgb, 0, 0, 0, 0, p=0.0, grayscale_p=1.0)           # folded RandomGrayscale
-    assert torch.allclose(gray, scan.grayscale(rgb).expand_as(rgb), atol=1e-5)
+    neighbor_idx = torch.stack([torch.randperm(len(train.images))[:5] for _ in range(len(train.images))])
+    args.pixel_check = 40
+    info = scan.pixel_check(args, train, neighbor_idx)
+    anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:40]
+    pixels = F.normalize(train.images.flatten(1).double(), dim=1)
+    sim = pixels[anchors] @ pixels.t()
+    sim[torch.arange(40), anchors] = -2                                        # not itself
+    pixel_idx = sim.topk(5, dim=1).indices
+    agree = sum(len(set(neighbor_idx[a].tolist()) & set(p.tolist())) for a, p in zip(anchors, pixel_idx)) / 200
+    assert info["pixel_agreement"] == pytest.approx(agree)
+    labels = train.labels
+    expected = (labels[pixel_idx] == labels[anchors, None]).float().mean().item()
+    assert info["pixel_neighbor_acc_top5"] == pytest.approx(expected)
+    assert info["neighbor_acc_top5"] == pytest.approx((labels[neighbor_idx[anchors]] == labels[anchors, None])
+                                                      .float().mean().item())
 
 
-def test_cutout_one_square_hole():
-    x = torch.ones(200, 1, 32, 32)
-    out = scan.cutout(x, 0.5)
-    for o in out[:, 0]:
-        rows, cols = (o == 0).any(1).nonzero().squeeze(1), (o == 0).any(0).nonzero().squeeze(1)
-        if len(rows):  # a rectangle (square clipped by the border) with side <= 16
-            assert (o[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 0).all()
-            assert len(rows) <= 16 and len(cols) <= 16
-    assert (out == 0).sum((1, 2, 3)).float().mean() > 20                     # holes exist
+def test_warm_up_trains_the_heads_only_and_keep_if_best_keeps_the_lowest_loss(tiny):
+    args, train, _ = tiny
+    torch.manual_seed(0)
+    model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    neighbor_idx = torch.randint(0, len(train.images), (len(train.images), 5))
+    before = scan.head_losses(model, train, neighbor_idx, 5.0)
+    scan.warm_up_heads(args, model, train, neighbor_idx, None)
+    after = scan.head_losses(model, train, neighbor_idx, 5.0)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())   # BN statistics too
+    assert any(not torch.equal(v, model.heads.state_dict()[k]) for k, v in heads.items())
+    assert (after < before).all()                                              # Eq. (2) went down for each head
+    best = scan.keep_if_best(model, torch.tensor([-1.0, -2.0]), None, 0)
+    assert (best["head"], best["eval_loss"], best["epoch"]) == (1, -2.0, 0)
+    assert scan.keep_if_best(model, torch.tensor([-1.5, -1.9]), best, 3) is best
+    assert scan.keep_if_best(model, torch.tensor([-2.5, -1.0]), best, 4)["epoch"] == 4
+
+
+def test_explicit_flags_win_over_quick_and_dataset_presets():
+    args = scan.parse_args(["--dataset", "cifar20", "--quick", "--scan-epochs", "7"])
+    assert args.scan_epochs == 7 and args.scan_batch_size == 512 and args.arch == "smallcnn"
+    args = scan.parse_args(["--dataset", "stl10"])
+    assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dataset", "no-such-set"], "no-such-set"),
+    (["--num-clusters", "1"], "--num-clusters"),
+    (["--num-clusters", "0"], "--num-clusters"),
+    (["--num-neighbors", "300"], "--num-neighbors"),
+    (["--num-clusters", "301"], "more than the 300"),
+    (["--crop-min", "0"], "--crop-min"),
+    (["--threads", "-1"], "--threads"),
+    (["--pretext-lr", "-1"], "--pretext-lr"),
+    (["--image-size", "2"], "image size"),
+    (["--image-size", "-4"], "image size"),
+    (["--out-dir", "/proc/no/such"], "Cannot create"),
+    (["--dataset", "imagefolder:/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_input_exits_2_with_one_paragraph(extra, message, tmp_path, capsys):
+    argv = TINY + ["--out-dir", str(tmp_path / "bad")] + extra
+    with pytest.raises(SystemExit) as exit_info:
+        runtime.main("scan.py", scan.run, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.startswith("scan.py: error:"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_out_dir_that_is_a_file_and_an_image_file_as_folder(tmp_path):
+    image = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(image)
+    res = run("--dataset", f"imagefolder:{image}", "--quick", "--out-dir", str(tmp_path / "r"))
+    assert res.returncode == 2 and "is a file" in res.stderr and "--predict" in res.stderr
+    res = run(*TINY, "--out-dir", str(image))
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr and "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------- whole runs in subprocesses
-def run_scan(*args, wait=True, timeout=240):
-    cmd = [sys.executable, os.path.join(ROOT, "scan.py"), "--threads", "1", "--log-every", "0.2", *args]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    res = run(*TINY, "--out-dir", out)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return out, res
 
 
-def test_quick_run_killed_and_resumed(tmp_path):
-    """The smoke run: --quick on synthetic, killed during the pretext stage, resumed, ending above chance (0.1)."""
+def test_a_finished_run_writes_every_output(finished):
+    out, res = finished
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["stage"], r.get("features")) for r in results["rows"]] == [
+        ("pretext+kmeans", "projection"), ("pretext+kmeans", "backbone"), ("scan", None), ("selflabel", None)]
+    for r in results["rows"]:
+        assert 0 <= r["acc"] <= 1 and r["num_clusters"] == 10 and r["n"] == 1000 and 1 <= r["K"] <= 10
+        assert r["acc"] > 0.15                                                 # 10 classes: chance is 0.1
+    assert {"pixel_agreement", "neighbor_acc_top20", "pixel_neighbor_acc_top20"} <= set(results["rows"][0])
+    assert results["script"] == "scan.py" and results["final"]["stage"] == "selflabel"
+    lines = open(os.path.join(out, "predictions.csv")).read().splitlines()
+    assert lines[0] == "index,label,cluster,confidence" and len(lines) == 1001
+    assert all(0 <= float(line.split(",")[3]) <= 1 for line in lines[1:])
+    assert os.path.getsize(os.path.join(out, "prototypes.png")) > 1000
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp") or f == ".lock"]
+    last = [r for r in log(out) if r["stage"] == "selflabel"][-1]              # per-epoch test ACC of the final model
+    assert last["test_acc"] == pytest.approx(results["rows"][-1]["acc"], abs=1e-6)
+    assert "== self-label" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_killed_and_resumed_gives_the_same_run(finished, tmp_path):
     out = str(tmp_path / "run")
-    proc = run_scan("--dataset", "synthetic", "--quick", "--out-dir", out, wait=False)
-    ckpt, deadline = os.path.join(out, "pretext.pt"), time.time() + 120
+    proc = run(*TINY, "--out-dir", out, "--pretext-epochs", "3", wait=False)
+    ckpt, deadline = os.path.join(out, "pretext.pt"), time.time() + 200
     while not os.path.exists(ckpt) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert os.path.exists(ckpt), proc.stdout.read()
-    epoch_done = torch.load(ckpt, weights_only=False)["epoch"]
-    assert epoch_done < 5                                                      # killed mid-stage
-    t0 = time.time()
-    res = run_scan("--dataset", "synthetic", "--quick", "--out-dir", out)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert f"[pretext] resuming after epoch {epoch_done}" in res.stdout
-    results = json.load(open(os.path.join(out, "results.json")))
-    stages = [r["stage"] for r in results["rows"]]
-    assert stages == ["pretext+kmeans", "scan", "selflabel"]
-    for r in results["rows"]:
-        assert r["acc"] > 0.3 and r["nmi"] > 0.2 and r["num_clusters"] == 10 and r["K"] >= 5 and r["n"] == 1000
-    lines = open(os.path.join(out, "predictions.csv")).read().splitlines()
-    assert lines[0] == "index,cluster,confidence,label" and len(lines) == 1001
-    assert all(0 <= float(l.split(",")[2]) <= 1 for l in lines[1:])
-    assert os.path.getsize(os.path.join(out, "prototypes.png")) > 1000
-    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
-    assert {r["epoch"] for r in log if r["stage"] == "pretext"} == {1, 2, 3, 4, 5}
-    last_selflabel = [r for r in log if r["stage"] == "selflabel"][-1]      # per-epoch test ACC of the final model
-    assert last_selflabel["test_acc"] == pytest.approx(results["rows"][-1]["acc"], abs=1e-6)
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    # same seed, same device: an uninterrupted run gives exactly the same results as the killed + resumed one
-    fresh = run_scan("--dataset", "synthetic", "--quick", "--out-dir", str(tmp_path / "fresh"))
-    assert fresh.returncode == 0 and json.load(open(tmp_path / "fresh" / "results.json"))["rows"] == results["rows"]
-    # complete stages are skipped on a rerun
-    again = run_scan("--dataset", "synthetic", "--quick", "--out-dir", out)
+    assert torch.load(ckpt, weights_only=False)["epoch"] < 3                    # killed mid-stage
+    res = run(*TINY, "--out-dir", out)
+    assert res.returncode == 0 and "[pretext] resuming after epoch" in res.stdout, res.stderr
+    assert rows(out) == rows(finished[0])                                      # same seed, same device: same run
+    epochs = [(r["stage"], r.get("epoch")) for r in log(out)]
+    assert len(epochs) == len(set(epochs))                                     # each epoch logged once
+    again = run(*TINY, "--out-dir", out)                                       # complete stages are skipped
     assert again.returncode == 0 and "[pretext] epoch" not in again.stdout and "[scan] epoch" not in again.stdout
-    # a checkpoint of another configuration is refused with exit 2
-    other = run_scan("--dataset", "synthetic", "--quick", "--out-dir", out, "--temperature", "0.5")
-    assert other.returncode == 2 and "another configuration" in other.stderr and "Traceback" not in other.stderr
-    assert json.load(open(os.path.join(out, "results.json"))) == results  # nothing lost
+    assert rows(out) == rows(finished[0])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "no-such-set"], "no-such-set"),
-    (["--dataset", "synthetic", "--quick", "--num-clusters", "1"], "--num-clusters"),
-    (["--dataset", "synthetic", "--quick", "--subset", "30", "--num-neighbors", "30"], "--num-neighbors"),
-    (["--dataset", "synthetic", "--quick", "--subset", "30", "--num-clusters", "31"], "more than the 30"),
-    (["--dataset", "synthetic", "--quick", "--crop-min", "0"], "--crop-min"),
-])
-def test_bad_input_exits_2(args, message, tmp_path):
-    res = run_scan(*args, "--out-dir", str(tmp_path / "bad"))
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
+def test_other_settings_or_a_foreign_checkpoint_are_refused_and_nothing_is_lost(finished, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished[0], out)
+    results = open(os.path.join(out, "results.json")).read()
+    res = run(*TINY, "--out-dir", out, "--temperature", "0.5")
+    assert res.returncode == 2 and "--temperature 0.1 (now 0.5)" in res.stderr and "Traceback" not in res.stderr
+    shutil.copy(os.path.join(out, "selflabel.pt"), os.path.join(out, "scan.pt"))   # another stage's checkpoint
+    res = run(*TINY, "--out-dir", out)
+    assert res.returncode == 2 and "'selflabel', not by scan.py for 'scan'" in res.stderr
+    open(os.path.join(out, "mine.pt"), "wb").write(b"garbage")
+    res = run(*TINY, "--out-dir", out)
+    assert res.returncode == 2 and "mine.pt" in res.stderr and "corrupted" in res.stderr
+    assert open(os.path.join(out, "results.json")).read() == results           # the finished results are intact
+    assert open(os.path.join(out, "mine.pt"), "rb").read() == b"garbage"      # and the bad file is left alone
 
 
-def test_corrupted_checkpoint_exits_2(tmp_path):
-    out = tmp_path / "corrupt"
-    out.mkdir()
-    (out / "pretext.pt").write_bytes(b"not a checkpoint")
-    res = run_scan("--dataset", "synthetic", "--quick", "--out-dir", str(out))
-    assert res.returncode == 2 and "pretext.pt" in res.stderr and "Traceback" not in res.stderr
-    assert (out / "pretext.pt").read_bytes() == b"not a checkpoint"         # not overwritten
+def test_restart_keeps_files_that_are_not_the_scripts(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    (out / "my_backup.pt").write_bytes(b"mine")
+    res = run(*TINY, "--out-dir", str(out), "--restart", "--pretext-epochs", "1", "--selflabel-epochs", "0")
+    assert res.returncode == 0, res.stderr
+    assert (out / "my_backup.pt").read_bytes() == b"mine" and not (out / "selflabel.pt").exists()
 
 
-def test_non_finite_loss_names_epoch_step_and_checkpoint():
-    args = type("Args", (), {"out_dir": "/some/run"})()
-    scan.check_finite(torch.tensor(1.0), "scan", 3, 7, args)                  # finite: nothing happens
-    with pytest.raises(FloatingPointError, match=r"scan loss at epoch 3 step 7.*/some/run/scan.pt"):
-        scan.check_finite(torch.tensor(float("nan")), "scan", 3, 7, args)
+def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tmp_path):
+    out = str(tmp_path / "run")
+    first = run(*TINY, "--out-dir", out, "--pretext-epochs", "50", wait=False)
+    deadline = time.time() + 200
+    while not os.path.exists(os.path.join(out, ".lock")) and time.time() < deadline:
+        time.sleep(0.05)
+    second = run(*TINY, "--out-dir", out)
+    first.send_signal(signal.SIGINT)                                           # Ctrl-C: one line, exit 130
+    _, err = first.communicate(timeout=120)
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "scan.py" in second.stderr
+    assert first.returncode == 130 and err.strip().count("\n") == 0 and "interrupted" in err, err
+    assert not os.path.exists(os.path.join(out, ".lock"))                     # released on the way out
 
 
-def test_simclr_crop_min_sets_the_smallest_crop_area(monkeypatch):
-    seen = []
-    real = scan.random_resized_crop_flip
-    monkeypatch.setattr(scan, "random_resized_crop_flip", lambda x, scale, **kw: seen.append(scale) or real(x, scale, **kw))
-    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    scan.simclr_augment(images, (0.5,), (0.25,))
-    scan.simclr_augment(images, (0.5,), (0.25,), crop_min=0.6)
-    assert seen == [(0.2, 1.0), (0.6, 1.0)]
-    assert "crop_min" in scan.STAGE_KEYS["pretext"]  # a pretext made with another crop is not silently reused
+def test_a_diverged_run_stops_with_exit_2_and_never_saves_non_finite_weights(tmp_path):
+    out = str(tmp_path / "run")
+    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10")
+    assert res.returncode == 2 and "pretext: the weights became non-finite at epoch 1" in res.stderr
+    assert "lower learning rate" in res.stderr and "starts from the beginning" in res.stderr
+    assert "Traceback" not in res.stderr and not os.path.exists(os.path.join(out, "pretext.pt"))
 
 
-def test_checkpoint_from_before_crop_min_loads_with_the_old_crop(tmp_path):
-    args = scan.parse_args(["--dataset", "synthetic", "--quick", "--out-dir", str(tmp_path)])
-    old = {k: v for k, v in scan.stage_config(args, "pretext").items() if k != "crop_min"}
-    torch.save({"config": old, "epoch": 5}, tmp_path / "pretext.pt")
-    assert scan.load_stage(args, "pretext")["epoch"] == 5                  # made with 0.2, the default
-    args.crop_min = 0.5
-    with pytest.raises(scan.ScanError, match="another configuration"):
-        scan.load_stage(args, "pretext")
+def test_an_unfinished_stage_resumes_with_another_learning_rate(tmp_path):
+    out = str(tmp_path / "run")
+    proc = run(*TINY, "--out-dir", out, "--pretext-epochs", "6", wait=False)
+    ckpt, deadline = os.path.join(out, "pretext.pt"), time.time() + 200
+    while not os.path.exists(ckpt) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = run(*TINY, "--out-dir", out, "--pretext-epochs", "6", "--pretext-lr", "0.05")
+    assert res.returncode == 0, res.stderr
+    assert "[pretext] resuming with --pretext-lr 0.05 (the checkpoint used 0.1)" in res.stdout
+    res = run(*TINY, "--out-dir", out, "--pretext-epochs", "6", "--pretext-lr", "0.1")   # now finished: refused
+    assert res.returncode == 2 and "--pretext-lr 0.05 (now 0.1)" in res.stderr
 
 
-def test_keep_freed_memory_sets_glibc_thresholds_and_is_a_no_op_without_glibc(monkeypatch):
-    if sys.platform.startswith("linux"):
-        assert scan.keep_freed_memory() is True                               # the real call: mallopt accepted both
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-    monkeypatch.setattr(scan.ctypes, "CDLL", lambda name: FakeLibc())
-    assert scan.keep_freed_memory() is True
-    assert calls == [(-3, 256 << 20), (-1, 1 << 30)]                          # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-    def no_glibc(name):
-        raise OSError(f"{name}: cannot open shared object file")
-    monkeypatch.setattr(scan.ctypes, "CDLL", no_glibc)
-    assert scan.keep_freed_memory() is False
-    import deepcluster
-    import profeat
-    for module in (deepcluster, profeat):                                      # the scripts' copies are identical
-        assert inspect.getsource(module.keep_freed_memory) == inspect.getsource(scan.keep_freed_memory)
+def test_predict_applies_a_finished_run_to_new_images(finished, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished[0], out)
+    folder = tmp_path / "new" / "nested"
+    folder.mkdir(parents=True)
+    images = data.make_synthetic("test", num_images=12, image_size=16).images
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+    res = run("--predict", str(tmp_path / "new"), "--out-dir", out, "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    lines = open(os.path.join(out, "predict-new.csv")).read().splitlines()
+    assert lines[0] == "file,cluster,confidence" and len(lines) == 13 and lines[1].split(",")[0].endswith("00.png")
+    # the same clusters as the model gives these images in process
+    model_rows = [line.split(",") for line in lines[1:]]
+    assert all(0 <= int(c) < 10 and 0 <= float(p) <= 1 for _, c, p in model_rows)
+    assert os.path.exists(os.path.join(out, "predict-new.png"))
+    res = run("--predict", str(folder / "00.png"), "--out-dir", out, "--threads", "1")     # a single image
+    assert res.returncode == 0 and open(os.path.join(out, "predict-00.csv")).read().count("\n") == 2
+    res = run("--predict", str(tmp_path / "nothing"), "--out-dir", out)
+    assert res.returncode == 2 and "nothing" in res.stderr and "Traceback" not in res.stderr
+    res = run("--predict", str(folder), "--out-dir", str(tmp_path / "unfinished"))
+    assert res.returncode == 2 and "no finished scan.py run" in res.stderr
