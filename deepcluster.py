@@ -182,7 +182,7 @@ class DeepClusterNet(nn.Module):
         super().__init__()
         cin = 2 if use_sobel else in_channels
         if arch == "resnet18":                                      # CIFAR stem: 3x3 stride-1 conv, no max-pool
-            import torchvision                                      # here: importing it takes seconds
+            import torchvision  # here: importing it takes seconds
             body = torchvision.models.resnet18()
             body.conv1, body.maxpool, body.fc = nn.Conv2d(cin, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
             flat, hidden = 512, 512

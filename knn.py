@@ -64,8 +64,8 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
     excluding = self_search and exclude_self
     available = keys.shape[0] - int(excluding)
     if not 1 <= k <= available:
-        raise ValueError(f"knn: k={k} but only {available} candidate neighbours exist "
-                         f"({keys.shape[0]} keys{', self excluded' if excluding else ''}); choose 1 <= k <= {available}.")
+        raise ValueError(f"knn: k={k} but only {available} candidate neighbours exist ({keys.shape[0]} keys"
+                         f"{', self excluded' if excluding else ''}); choose 1 <= k <= {available}.")
     queries, keys = queries.detach().float(), keys.detach().float()  # fp32 accumulation even for half inputs
     for name, x in (("queries", queries), ("keys", keys)):
         if not torch.isfinite(x).all():
@@ -237,7 +237,7 @@ def _descending_key(vals):
 
 
 def _topk_block(block, k):
-    """Top-k of each row of block [R, M] (M a multiple of GROUP), ties to the lower index. -> (values, indices) [R, k]."""
+    """Top-k of each row of block [R, M] (M a multiple of GROUP), ties to the lower index: (values, indices) [R, k]."""
     num_rows, width = block.shape
     num_groups = width // GROUP
     if num_groups <= k:  # too few groups for the two-stage search to pay: sort whole rows

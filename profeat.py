@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -172,7 +173,7 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
     stride-1 conv and no max-pool; 96 px STL-10 images get a 2x2 max-pool), 512-d. smallcnn: four conv-BN-ReLU
     stages of width, 2w, 4w, 8w channels with max-pools between them, for CPU runs."""
     if arch == "resnet18":
-        import torchvision                                                     # here: importing it takes seconds
+        import torchvision  # here: importing it takes seconds
         net = torchvision.models.resnet18()
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         net.maxpool, net.fc, net.out_dim = nn.MaxPool2d(2) if maxpool else nn.Identity(), nn.Identity(), 512
@@ -613,7 +614,7 @@ def run(argv=None):
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     E = args.ensemble
     for name in sorted(os.listdir(args.out_dir)):                              # refuse a foreign checkpoint early
-        if name.endswith(".pt"):
+        if name.endswith(".pt") and re.fullmatch(OWN_FILES, name):
             load(args, name[:-3])
     say(f"profeat.py: {'ProFeat_s' if E == 1 else f'ProFeat_e (E={E}, t_e={args.t_e}, t_c={args.t_c})'} on "
         f"{args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} arch {args.arch} device "

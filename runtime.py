@@ -117,7 +117,7 @@ def gather(x, grad=False):
     sizes = [int(s) for s in torch.cat(_all_gather(sizes))]
     padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])  # all_gather needs equal shapes
     if grad:
-        from torch.distributed.nn.functional import all_gather as all_gather_with_grad   # imported when needed
+        from torch.distributed.nn.functional import all_gather as all_gather_with_grad  # imported when needed
         parts = all_gather_with_grad(padded)
     else:
         parts = _all_gather(padded.contiguous())

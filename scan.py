@@ -148,7 +148,7 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
     stride-1 conv and no max-pool; 96 px STL-10 images get a 2x2 max-pool), 512-d. smallcnn: four conv-BN-ReLU
     stages of width, 2w, 4w, 8w channels with max-pools between them, for CPU runs."""
     if arch == "resnet18":
-        import torchvision                                                     # here: importing it takes seconds
+        import torchvision  # here: importing it takes seconds
         net = torchvision.models.resnet18()
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         net.maxpool, net.fc, net.out_dim = nn.MaxPool2d(2) if maxpool else nn.Identity(), nn.Identity(), 512

@@ -105,7 +105,6 @@ def hub_graph(sizes, seed=0):
     """Components that are cliques of size k+1: node 0 of each is at distance 0.01 of every member, the others
     are 0.03 apart, so v peaks at node 0 and every member points to it."""
     idx, dist, comp, start = [], [], [], 0
-    k = sizes[0] - 1
     for c, s in enumerate(sizes):
         for i in range(s):
             others = [start + j for j in range(s) if j != i]

@@ -6,7 +6,6 @@ resumes, also with another number of processes.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +56,8 @@ def model_and_data():
     torch.manual_seed(0)
     model = torch.nn.Linear(D, C).double()
     g = torch.Generator().manual_seed(1)
-    return model, torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64)
+    x1, x2 = (torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(2))
+    return model, x1, x2
 
 
 def single_process():

@@ -1,6 +1,11 @@
-"""Tests of profeat.py: pair construction (ProFeat_s and ProFeat_e), Eq. (1) against a loop transcription, the clustering
-step's separation of g and g', smoke runs of both variants, resume between iterations, and bad input."""
+"""Tests of profeat.py: pair construction (ProFeat_s and ProFeat_e), Eq. (1) against a loop transcription, the
+clustering step's separation of g and g', smoke runs of both variants, resume between iterations, bad input, and the
+functions copied from scan.py staying identical.
+
+    python -m pytest tests/test_profeat.py -q
+"""
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -12,13 +17,16 @@ import torch
 import torch.nn.functional as F
 
 import profeat
+import runtime
 import scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny run: --quick on 16x16 synthetic images, 300 of them (a few seconds; one thread: on a busy machine more
-# threads are much slower, as OpenMP threads spin while waiting for a core).
-TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--device", "cpu", "--threads", "1",
-        "--log-every", "1000"]
+# A tiny run: --quick on 16x16 synthetic images, 300 of them (seconds).
+TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--warmup-steps", "30",
+        "--pixel-check", "100", "--device", "cpu", "--threads", "1", "--log-every", "1000"]
+COPIED_FROM_SCAN = ["load_data", "plain", "make_backbone", "ContrastiveModel", "ClusteringModel", "scan_loss",
+                    "confidence_ce", "evaluate", "load", "save", "pixel_check", "head_losses", "warm_up_heads",
+                    "train_scan", "keep_if_best", "train_selflabel", "predict_files"]
 
 
 def run(args, check=True):
@@ -34,17 +42,10 @@ def results(out_dir):
         return json.load(f)["rows"]
 
 
-@pytest.mark.parametrize("name", ["simclr_augment", "strong_augment", "plain"])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_augmentations_are_identical_to_scans(name, channels):
-    """profeat.py keeps its own copies (SPEC 1); they must draw and compute exactly what scan.py's do."""
-    images = torch.randint(0, 256, (64, channels, 16, 16), dtype=torch.uint8)
-    mean, std = (0.5,) * channels, (0.25,) * channels
-    outs = []
-    for module in (scan, profeat):
-        torch.manual_seed(3)
-        outs.append(getattr(module, name)(images, mean, std))
-    assert torch.equal(outs[0], outs[1])
+@pytest.mark.parametrize("name", COPIED_FROM_SCAN)
+def test_functions_copied_from_scan_are_identical(name):
+    """ProFeat runs SCAN's stages: profeat.py keeps verbatim copies (one file per algorithm), kept identical."""
+    assert inspect.getsource(getattr(profeat, name)) == inspect.getsource(getattr(scan, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,82 +176,78 @@ def tiny_setup(tmp_path_factory):
     pretext, train, test = profeat.load_data(args)
     args.num_clusters = len(train.classes)
     profeat.check_args(args, len(train.images))
-    os.makedirs(args.out_dir, exist_ok=True)
     torch.manual_seed(0)
-    g_model = profeat.ContrastiveModel(profeat.make_backbone(args, train.images.shape[1]))
-    return args, train, g_model
+    g_model = profeat.ContrastiveModel(profeat.make_backbone("smallcnn", train.images.shape[1], args.width))
+    return args, train, test, g_model
 
 
 def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypatch):
-    args, train, g_model = tiny_setup
+def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypatch, tmp_path):
+    args, train, test, g_model = tiny_setup
     args = copy.copy(args)
-    args.scan_epochs, args.finetune = 1, False                 # one SCAN epoch is enough to see what is trained
+    args.out_dir, args.scan_epochs, args.selflabel_epochs, args.warmup_steps = str(tmp_path), 1, 0, 0
     before, seen = state(g_model), {}
-    original = profeat.run_stage
+    original = profeat.train_scan
 
-    def spy(args_, name, model, *rest, **kw):  # g' at the start of the SCAN stage
-        if name.endswith("_scan"):
-            seen["g_prime_start"] = state(model.backbone)
-            seen["g_prime"] = model.backbone
-        return original(args_, name, model, *rest, **kw)
-    monkeypatch.setattr(profeat, "run_stage", spy)
-    model, head, info = profeat.clustering_step(args, 1, 0, g_model, train)
+    def spy(args_, stage, model, *rest):                                       # g' at the start of the SCAN stage
+        seen["g_prime_start"], seen["g_prime"] = state(model.backbone), model.backbone
+        return original(args_, stage, model, *rest)
+    monkeypatch.setattr(profeat, "train_scan", spy)
+    model, head, info = profeat.clustering_step(args, 1, 0, g_model, train, test, None)
     g_backbone = {k[len("backbone."):]: v for k, v in before.items() if k.startswith("backbone.")}
     assert seen["g_prime_start"].keys() == g_backbone.keys()
     assert all(torch.equal(seen["g_prime_start"][k], g_backbone[k]) for k in g_backbone)     # g' starts as g
-    after = state(g_model)
-    assert all(torch.equal(before[k], after[k]) for k in before)                              # g untouched (and BN stats)
+    assert all(torch.equal(v, state(g_model)[k]) for k, v in before.items())                 # g untouched, BN too
     assert seen["g_prime"] is not g_model.backbone and model.backbone is seen["g_prime"]
-    changed = [k for k, v in state(seen["g_prime"]).items() if not torch.equal(v, g_backbone[k])]
-    assert changed, "g' should have been trained"
-    assert 0 <= head < args.num_heads and "neighbor_acc" in info
+    assert any(not torch.equal(v, g_backbone[k]) for k, v in state(seen["g_prime"]).items())  # g' was trained
+    assert 0 <= head < args.num_heads and "neighbor_acc" in info and "pixel_agreement" in info
 
 
 @pytest.mark.parametrize("carry", [False, True])
-def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkeypatch, carry):
-    args, train, g_model = tiny_setup
+def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkeypatch, carry, tmp_path):
+    args, train, test, g_model = tiny_setup
     args = copy.copy(args)
-    args.scan_epochs, args.finetune, args.carry_h = 1, False, carry
+    args.out_dir, args.scan_epochs, args.selflabel_epochs, args.carry_h = str(tmp_path), 1, 0, carry
+    args.num_heads, args.warmup_steps = 2, 0
     torch.manual_seed(123)
     previous = profeat.ClusteringModel(g_model.backbone, args.num_clusters, 3)  # its kept head: 2
     seen = {}
-    original = profeat.run_stage
+    original = profeat.train_scan
 
-    def spy(args_, name, model, *rest, **kw):  # h at the start of the SCAN stage
-        seen.setdefault("heads", [state(h) for h in model.heads])
-        return original(args_, name, model, *rest, **kw)
-    monkeypatch.setattr(profeat, "run_stage", spy)
-    profeat.clustering_step(args, 2, 8 + carry, g_model, train, previous=(previous, 2))
+    def spy(args_, stage, model, *rest):                                       # h at the start of the SCAN stage
+        seen["heads"] = [state(h) for h in model.heads]
+        return original(args_, stage, model, *rest)
+    monkeypatch.setattr(profeat, "train_scan", spy)
+    profeat.clustering_step(args, 2, 0, g_model, train, test, (previous, 2))
     carried = state(previous.heads[2])
     same = [all(torch.equal(h[k], carried[k]) for k in carried) for h in seen["heads"]]
-    assert same == [carry] + [False] * (args.num_heads - 1)   # only head 0, only with --carry-h
+    assert same == [carry, False]                                              # only head 0, only with --carry-h
 
 
-def test_representation_step_skips_batches_where_nothing_survives(tiny_setup):
-    args, train, g_model = tiny_setup
-    model = profeat.ContrastiveModel(profeat.make_backbone(args, train.images.shape[1]))
-    model.load_state_dict(g_model.state_dict())
+def test_representation_step_skips_batches_where_nothing_survives(tiny_setup, tmp_path):
+    args, train, test, g_model = tiny_setup
+    args = copy.copy(args)
+    args.out_dir = str(tmp_path)
+    model = copy.deepcopy(g_model)
     before = state(model)
     clusters = torch.arange(len(train.images)).repeat(2, 1)  # every image its own cluster: no connection anywhere
     groups_of = lambda idx: profeat.ensemble_groups(clusters[:, idx], t_e=2, t_c=1)
-    row = profeat.representation_step(args, 2, 7, model, train.images, train.mean, train.std, groups_of)
-    steps = len(train.images) // min(args.batch_size, len(train.images))
+    row = profeat.representation_step(args, 2, 7, model, train, groups_of)
+    steps = len(train.images) // args.pretext_batch_size
     assert row["skipped_batches"] == steps and row["kept_images"] == 0 and row["positive_pairs"] == 0
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # and when pairs survive: two confident clusters (even / odd index), every image kept -> the model moves, and the
-    # count of cross-image positive pairs per batch is C(a, 2) + C(B - a, 2) for a batch of a evens
+    # when pairs survive: two confident clusters (even / odd index), every image kept (rounded down to a multiple of
+    # 8 per process) -> the model moves, and the cross-image positive pairs are C(a, 2) + C(B' - a, 2)
     probs = F.one_hot(torch.arange(len(train.images)) % 2, 10).float()
     groups_of = lambda idx: profeat.confident_groups(probs[idx], 0.99)
-    row = profeat.representation_step(args, 3, 7, model, train.images, train.mean, train.std, groups_of)
-    B = min(args.batch_size, len(train.images))
-    assert row["skipped_batches"] == 0 and row["kept_images"] == B
-    n = len(train.images)                         # a batch holds a evens, B - a odds, a in [B - n // 2, (n + 1) // 2]
-    possible = [a * (a - 1) // 2 + (B - a) * (B - a - 1) // 2 for a in range(max(0, B - n // 2), min(B, (n + 1) // 2) + 1)]
+    row = profeat.representation_step(args, 3, 7, model, train, groups_of)
+    kept = args.pretext_batch_size // 8 * 8
+    assert row["skipped_batches"] == 0 and row["kept_images"] == kept
+    possible = [a * (a - 1) // 2 + (kept - a) * (kept - a - 1) // 2 for a in range(kept + 1)]
     assert min(possible) <= row["positive_pairs"] <= max(possible)
     assert any(not torch.equal(after[k], v) for k, v in state(model).items())
 
@@ -268,29 +265,32 @@ def profeat_s_run(tmp_path_factory):
 def test_smoke_profeat_s(profeat_s_run):
     out, proc = profeat_s_run
     rows = results(out)
-    assert [r["iteration"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["stage"] == "iteration" for r in rows)
     for r in rows:
         assert 0 <= r["acc"] <= 1 and 0 <= r["nmi"] <= 1 and -1 <= r["ari"] <= 1
     assert rows[0]["positive_pairs"] == 0                 # iteration 1 is SimCLR: no cross-image positives
     assert rows[-1]["acc"] > 0.2                          # 10 balanced classes: chance is about 0.1
-    with open(os.path.join(out, "predictions.csv")) as f:
-        lines = f.read().splitlines()
-    assert lines[0] == "index,cluster,confidence,label" and len(lines) == 1 + 1000
-    assert all(0 <= float(line.split(",")[2]) <= 1 for line in lines[1:])   # confidences are probabilities
+    lines = open(os.path.join(out, "predictions.csv")).read().splitlines()
+    assert lines[0] == "index,label,cluster,confidence" and len(lines) == 1 + 1000
+    assert all(0 <= float(line.split(",")[3]) <= 1 for line in lines[1:])   # confidences are probabilities
     assert os.path.getsize(os.path.join(out, "prototypes.png")) > 0
-    with open(os.path.join(out, "log.jsonl")) as f:
-        stages = {json.loads(line)["stage"] for line in f}
-    assert {"it001_m0_representation", "it002_m0_representation", "it002_m0_scan", "it002_m0_finetune", "iteration"} <= stages
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    stages = [(r["stage"], r.get("epoch")) for r in log]
+    assert {"it001_m0_pretext", "it002_m0_pretext", "it002_m0_scan", "it002_m0_selflabel", "iteration"} <= \
+        {s for s, _ in stages}
+    assert len(stages) == len(set(stages))                # each (stage, epoch) once
+    again = run(TINY + ["--out-dir", out])                # a rerun of a finished run adds nothing to the log
+    assert len(open(os.path.join(out, "log.jsonl")).readlines()) == len(stages) and "epoch 1/" not in again.stdout
 
 
 def test_smoke_profeat_e_two_members(tmp_path):
     out = str(tmp_path / "run")
     run(TINY + ["--ensemble", "2", "--out-dir", out])
     rows = results(out)
-    assert [r["iteration"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert len(rows[-1]["member_acc"]) == 2 and rows[-1]["kept_member"] in (0, 1)
     assert rows[-1]["member_scan_eval_loss"][rows[-1]["kept_member"]] == rows[-1]["scan_eval_loss"]
-    assert os.path.exists(os.path.join(out, "it002_m1_finetune.pt"))
+    assert os.path.exists(os.path.join(out, "it002_m1_selflabel.pt"))
     assert rows[-1]["kept_images"] >= 0 and rows[-1]["acc"] > 0.2
 
 
@@ -298,30 +298,15 @@ def test_resume_between_iterations_gives_the_same_run(profeat_s_run, tmp_path):
     out, _ = profeat_s_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(out, resumed)
-    for f in os.listdir(resumed):                          # as if killed after iteration 1's representation step... of 2
-        if f.startswith("it002_m0_scan") or f.startswith("it002_m0_finetune") or f in ("results.json", "predictions.csv"):
+    for f in os.listdir(resumed):                          # as if killed after iteration 2's representation step
+        if f.startswith(("it002_m0_scan", "it002_m0_selflabel", "results.json", "predictions.csv")):
             os.remove(os.path.join(resumed, f))
-    with open(os.path.join(resumed, "log.jsonl")) as f:
-        n_before = len(f.readlines())
-    run(TINY + ["--out-dir", resumed])
+    proc = run(TINY + ["--out-dir", resumed])
+    assert "[it001_m0_pretext] epoch" not in proc.stdout and "[it002_m0_scan] epoch" in proc.stdout
     a, b = results(out), results(resumed)
     for ra, rb in zip(a, b):
         for k in ["acc", "nmi", "ari", "kept_images", "positive_pairs", "head", "train_confident"]:
-            assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
-    with open(os.path.join(resumed, "log.jsonl")) as f:
-        new = [json.loads(line)["stage"] for line in f.readlines()[n_before:]]
-    assert not any(s.startswith("it001") or s == "it002_m0_representation" for s in new), new  # not redone
-    assert "it002_m0_scan" in new
-
-
-def test_checkpoint_from_before_carry_h_loads_with_no_carry_h_only(tmp_path):
-    args = profeat.parse_args(TINY + ["--out-dir", str(tmp_path)])
-    old = {k: getattr(args, k) for k in profeat.CONFIG_KEYS if k != "carry_h"}   # made before the flag existed
-    torch.save({"config": old, "model": {}, "epoch": 3}, tmp_path / "it001_m0_scan.pt")
-    with pytest.raises(profeat.ProFeatError, match="another configuration"):    # default --carry-h: not what it did
-        profeat.load_checkpoint(args, str(tmp_path / "it001_m0_scan.pt"))
-    args.carry_h = False                                                        # what those checkpoints did
-    assert profeat.load_checkpoint(args, str(tmp_path / "it001_m0_scan.pt"))["epoch"] == 3
+            assert ra[k] == rb[k], (ra["epoch"], k, ra[k], rb[k])
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -334,13 +319,14 @@ def test_checkpoint_from_before_carry_h_loads_with_no_carry_h_only(tmp_path):
     (["--num-neighbors", "300"], "--num-neighbors"),
     (["--threads", "0"], "--threads"),
     (["--subset", "1"], "--subset"),
+    (["--pretext-lr", "-1"], "--pretext-lr"),
 ])
 def test_bad_arguments_exit_2(tmp_path, capsys, extra, words):
     args = TINY + ["--out-dir", str(tmp_path / "run")]
     if "--dataset" in extra:
         args = args[2:]
     with pytest.raises(SystemExit) as exc:       # in-process (fast); main() turns the error into exit status 2
-        profeat.main(args + extra)
+        runtime.main("profeat.py", profeat.run, args + extra)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and words in err and err.startswith("profeat.py: error:"), err
     assert not os.path.exists(tmp_path / "run" / "results.json")
@@ -362,12 +348,25 @@ def test_corrupted_or_foreign_checkpoint_exit_2_and_kept(profeat_s_run, tmp_path
         f.write(b"not a checkpoint")
     proc = run(TINY + ["--out-dir", bad], check=False)
     assert proc.returncode == 2 and "it002_m0_scan.pt" in proc.stderr and "Traceback" not in proc.stderr
-    with open(path, "rb") as f:
-        assert f.read() == b"not a checkpoint"            # nothing overwritten
-    before = os.path.getmtime(os.path.join(out, "results.json"))
-    proc = run(TINY + ["--out-dir", out, "--t-s", "0.7"], check=False)   # another configuration
-    assert proc.returncode == 2 and "another configuration" in proc.stderr and "Traceback" not in proc.stderr
-    assert os.path.getmtime(os.path.join(out, "results.json")) == before
+    assert open(path, "rb").read() == b"not a checkpoint"                  # nothing overwritten
+    # iteration 2's representation checkpoint over iteration 1's: refused, not silently used
+    shutil.copy(os.path.join(bad, "it002_m0_pretext.pt"), os.path.join(bad, "it001_m0_pretext.pt"))
+    proc = run(TINY + ["--out-dir", bad], check=False)
+    assert proc.returncode == 2 and "it002_m0_pretext" in proc.stderr and "Traceback" not in proc.stderr
+    before = open(os.path.join(out, "results.json")).read()
+    proc = run(TINY + ["--out-dir", out, "--t-s", "0.7"], check=False)    # another configuration
+    assert proc.returncode == 2 and "--t-s 0.8 (now 0.7)" in proc.stderr and "Traceback" not in proc.stderr
+    assert open(os.path.join(out, "results.json")).read() == before
+
+
+def test_restart_removes_only_profeats_files(profeat_s_run, tmp_path):
+    out, _ = profeat_s_run
+    mine = str(tmp_path / "run")
+    shutil.copytree(out, mine)
+    open(os.path.join(mine, "my_backup.pt"), "wb").write(b"mine")
+    run(TINY + ["--out-dir", mine, "--restart", "--iterations", "1"])
+    assert open(os.path.join(mine, "my_backup.pt"), "rb").read() == b"mine"
+    assert not os.path.exists(os.path.join(mine, "it002_m0_scan.pt"))
 
 
 def test_keep_member_is_the_medoid_and_ties_go_to_the_lowest_scan_loss():

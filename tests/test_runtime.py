@@ -168,12 +168,11 @@ def test_a_full_disk_stops_with_exit_2_and_keeps_what_was_written(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here")
     try:
+        path = str(mount / "a.pt")
         code = ("import sys, torch, runtime\n"
                 "def run(argv):\n"
-                f"    runtime.save_checkpoint({str(mount / 'a.pt')!r}, 's', 'a', {{}}, model={{'w': torch.ones(10)}}, "
-                "epoch=1)\n"
-                f"    runtime.save_checkpoint({str(mount / 'a.pt')!r}, 's', 'a', {{}}, model={{'w': torch.ones(10**6)}}, "
-                "epoch=2)\n"
+                f"    runtime.save_checkpoint({path!r}, 's', 'a', {{}}, model={{'w': torch.ones(10)}}, epoch=1)\n"
+                f"    runtime.save_checkpoint({path!r}, 's', 'a', {{}}, model={{'w': torch.ones(10**6)}}, epoch=2)\n"
                 "runtime.main('scan.py', run)\n")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 2 and "No space left" in proc.stderr and "Traceback" not in proc.stderr
