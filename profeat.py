@@ -58,11 +58,12 @@ PRESETS = {
     "stl10": dict(t_s=0.95, t_c=1, iterations=100, scan_epochs=100, selflabel_epochs=0,
                   pretext_split="train+unlabeled"),
     "stl10-ensemble": dict(iterations=300),
-    # t_s and t_f 0.8: a few SCAN epochs never make predictions 0.99-confident
-    "quick": dict(arch="smallcnn", width=16, subset=500, iterations=2, pretext_epochs=6, refine_epochs=2,
-                  scan_epochs=3, selflabel_epochs=1, pretext_batch_size=250, scan_batch_size=125,
-                  selflabel_batch_size=250, pretext_lr=0.1, pretext_lr_min=0.001, t_s=0.8, confidence_threshold=0.8,
-                  num_neighbors=10),
+    # t_s 0.8: a few SCAN epochs make few predictions 0.99-confident, and the refinement needs confident images
+    "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
+                  pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=2, warmup_steps=1000,
+                  selflabel_epochs=1, selflabel_batch_size=500, t_s=0.8),
+    "quick-imagefolder": dict(image_size=32),
+    "smallcnn": dict(temperature=0.2),  # as scan.py's: the CPU network's short schedules
 }
 
 
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
+    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "
+      "(the paper: projection)")
     a("--num-heads", type=pos, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs of each clustering step (after the warm-up)")
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch (anchors; as many neighbours)")
@@ -119,13 +122,17 @@ def parse_args(argv=None):
     a("--deterministic", action="store_true", help="CUDA: deterministic kernels, no cuDNN benchmark (slower)")
     a("--threads", type=pos, default=None, help="CPU threads (default: torch's choice)")
     a("--seed", type=int, default=0, help="random seed: same seed, same device, same results")
-    a("--quick", action="store_true", help="small CNN, 500 images, 2 iterations of few epochs: about a minute")
+    a("--quick", action="store_true", help="small CNN, 3000 images, 2 iterations of few epochs: a few minutes")
     a("--restart", action="store_true", help="delete this script's files in --out-dir and start over")
     a("--log-every", type=rate, default=5.0, help="seconds between progress lines")
     base = lambda args: args.dataset.split(":")[0]
-    args = runtime.parse_args(p, argv, lambda args: [
-        PRESETS.get(base(args), {}), PRESETS["stl10-ensemble"] if base(args) == "stl10" and args.ensemble > 1 else {},
-        PRESETS["quick"] if args.quick else {}])
+    def presets(args):  # a generator: each preset sees the ones applied before it (--quick sets the arch)
+        yield PRESETS.get(base(args), {})
+        yield PRESETS["stl10-ensemble"] if base(args) == "stl10" and args.ensemble > 1 else {}
+        yield PRESETS["quick"] if args.quick else {}
+        yield PRESETS["quick-imagefolder"] if args.quick and base(args) == "imagefolder" else {}
+        yield PRESETS["smallcnn"] if args.arch == "smallcnn" else {}
+    args = runtime.parse_args(p, argv, presets)
     args.pretext_split = args.pretext_split or args.train_split
     args.t_e = args.t_e or args.ensemble                                       # unanimity
     args.out_dir = args.out_dir or os.path.join("runs", "profeat-" + base(args))
@@ -171,7 +178,8 @@ def plain(images, mean, std):  # the evaluation view: no augmentation
 def make_backbone(arch, in_channels, width=32, maxpool=False):
     """[B, C, H, W] -> [B, out_dim]. resnet18: torchvision's ResNet-18 with SCAN's stem for small images (a 3x3
     stride-1 conv and no max-pool; 96 px STL-10 images get a 2x2 max-pool), 512-d. smallcnn: four conv-BN-ReLU
-    stages of width, 2w, 4w, 8w channels with max-pools between them, for CPU runs."""
+    stages of width, 2w, 4w, 8w channels with max-pools between them, then a 2x2 average pool (32w-d), for CPU runs;
+    its neighbours measured purer than with global pooling (RESULTS.md)."""
     if arch == "resnet18":
         import torchvision  # here: importing it takes seconds
         net = torchvision.models.resnet18()
@@ -184,8 +192,8 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
         layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         layers += [nn.MaxPool2d(2)] if i < 3 else []
         cin = cout
-    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net.out_dim = cin
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())     # 2x2, not 1x1: keeps the layout
+    net.out_dim = 4 * cin
     return net
 
 
@@ -287,6 +295,26 @@ def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbo
 
 
 # ---- 5. Evaluation ---------------------------------------------------------------------------------------------
+def kmeans(x, k, iters=50, n_init=5, seed=0):
+    """Lloyd's k-means with k-means++ seeding, best of n_init by inertia. x [N, D] -> (labels [N], centroids [k, D])."""
+    g = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        centroids = x[torch.randint(len(x), (1,), generator=g)]
+        for _ in range(k - 1):                                                 # k-means++: far points likelier
+            d2 = torch.cdist(x, centroids).pow(2).min(1).values
+            centroids = torch.cat([centroids, x[torch.multinomial(d2.cpu() + 1e-12, 1, generator=g).to(x.device)]])
+        for _ in range(iters):
+            labels = torch.cdist(x, centroids).argmin(1)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k).float().unsqueeze(1)
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)   # an empty cluster stays
+        inertia = torch.cdist(x, centroids).pow(2).min(1).values.sum().item()
+        if best is None or inertia < best[0]:
+            best = (inertia, torch.cdist(x, centroids).argmin(1), centroids)
+    return best[1], best[2]
+
+
 def evaluate(probs, labels, classes, title):
     """ACC / NMI / ARI / top-5 (+ overclustering ACC when K > classes) of probs [N, K], the confusion table printed."""
     res, text = metrics.report(probs, labels, classes, title)
@@ -309,10 +337,10 @@ def keep_member(train_preds, scan_losses):
 # stage (the way to continue after a divergence).
 CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset", "arch", "width", "num_clusters",
                "iterations", "ensemble", "t_s", "t_e", "t_c", "pretext_epochs", "refine_epochs", "pretext_batch_size",
-               "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "num_heads", "scan_epochs",
-               "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only", "carry_h",
-               "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold", "weight_decay",
-               "seed"]
+               "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "mine_features", "num_heads",
+               "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only",
+               "carry_h", "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
+               "weight_decay", "seed"]
 OWN_FILES = r"it\d{3}_m\d+_(pretext|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv" \
             r"|prototypes\.png|predict-.+\.(csv|png))(\.tmp)?"
 
@@ -371,7 +399,8 @@ def representation_step(args, it, e, model, pretext, groups_of):
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        for step, idx in enumerate(batches(len(pretext.images), B, generator, args.device)):
+        epoch_batches = batches(len(pretext.images), B, generator, args.device)
+        for step, idx in enumerate(epoch_batches):
             keep, group = groups_of(gather(idx))                               # over the global batch [B], [B, B]
             # Each rank forwards a multiple of 8 of its kept images: few distinct shapes, so cuDNN's benchmark and
             # torch.compile tune a handful of times, not once per step.
@@ -390,7 +419,7 @@ def representation_step(args, it, e, model, pretext, groups_of):
             opt.step()
             losses.append(loss.detach())
             progress.step(epoch, step, loss, 2 * n)
-        steps = len(pretext.images) // B
+        steps = max(1, len(epoch_batches))
         row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "seconds": time.time() - t0, "kept_images": kept / steps,
                "positive_pairs": pairs / steps, "skipped_batches": steps - len(losses),
                "loss": torch.stack(losses).mean().item() if losses else None}
@@ -439,17 +468,27 @@ def head_losses(model, train, neighbor_idx, entropy_weight):
 
 
 def warm_up_heads(args, model, train, neighbor_idx, train_z):
-    """CHOICE (not in the paper): before the SCAN stage proper, --warmup-steps steps of the same loss (Adam 1e-3) on
-    the heads alone, over the fixed backbone features of the un-augmented images. The paper's 50 epochs give the heads
-    thousands of steps to find a partition while the backbone adapts; a short run gives them a few dozen, in which
-    random heads on a backbone shaken by strong augmentation end below k-means on the same features. Cheap: the
-    backbone runs once."""
+    """CHOICE (not in the paper): before the SCAN stage proper, the heads alone, on the fixed backbone features of
+    the un-augmented images: fitted by cross-entropy to k-means' partition of those features (the "pretext +
+    k-means" baseline), then --warmup-steps steps of the clustering loss from there (Adam 1e-3). The paper's 50
+    epochs give random heads thousands of steps while the backbone adapts; in a short run random heads end below
+    k-means on the same features, while Eq. (2) started from k-means' partition improves on it (RESULTS.md).
+    Cheap: the backbone runs once."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
-    opt = torch.optim.Adam(model.heads.parameters(), lr=1e-3, weight_decay=args.weight_decay)
+    labels = runtime.broadcast(kmeans(F.normalize(feats, dim=1), model.heads[0].out_features, seed=args.seed)[0])
     generator, (N, K), B = torch.Generator().manual_seed(args.seed), neighbor_idx.shape, args.scan_batch_size
-    for step in range(args.warmup_steps):
-        anchor = torch.randint(0, N, (B,), generator=generator).to(args.device)
-        neighbor = neighbor_idx[anchor, torch.randint(0, K, (B,), generator=generator).to(args.device)]
+    rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
+    opt = torch.optim.Adam(model.heads.parameters(), lr=1e-2)
+    for step in range(300):                                                    # heads := k-means' partition
+        idx = rand(N, 2 * B)
+        loss = F.cross_entropy(model.heads_forward(feats[idx]).flatten(0, 1), labels[idx].repeat(len(model.heads)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt = torch.optim.Adam(model.heads.parameters(), lr=1e-3, weight_decay=args.weight_decay)
+    for step in range(args.warmup_steps):                                      # then the clustering loss
+        anchor = rand(N, B)
+        neighbor = neighbor_idx[anchor, rand(K, B)]
         logits = model.heads_forward(feats[torch.cat([anchor, neighbor])])    # [H, 2B, C]
         z = (train_z[anchor], train_z[neighbor]) if train_z is not None else ()
         loss = clustering_loss(args, logits[:, :B], logits[:, B:], *z).sum()
@@ -461,8 +500,10 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z):
 def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
     loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After
-    the warm-up and after every epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's
-    code, the lowest value over heads and epochs picks the model kept (label-free). Returns (model, head)."""
+    every epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest value
+    over heads and epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch
+    follows it: training the backbone raises Eq. (2) on un-augmented images at first while ACC rises (measured in
+    RESULTS.md), so a warm-up would win the comparison it should lose. Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -471,8 +512,9 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
         warm_up_heads(args, model, train, neighbor_idx, train_z)
-        best = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
-        say(f"[{stage}] warm-up of the heads: eval_loss {best['eval_loss']:.4f} head {best['head']}")
+        warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
+        best = warm if E == 0 else None
+        say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']}")
     model, forward = runtime.wrap(model, args.device, args.compile)
     B, K = args.scan_batch_size, neighbor_idx.shape[1]
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
@@ -533,11 +575,15 @@ def train_selflabel(args, stage, model, head, train, test):
     for epoch in range(start, E):
         generator, t0, losses, confident = runtime.reseed(args.seed, stage, epoch), time.time(), [], 0
         for step, idx in enumerate(batches(len(train.images), B, generator, args.device)):
-            model.train()                                                      # as SCAN's code: batch statistics
+            # CHOICE: the pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not
+            # with the batch's statistics as SCAN's code does: measured slightly better (RESULTS.md), and a batch
+            # without a confident image then changes nothing at all.
+            model.eval()
             with torch.no_grad():
                 weak = gather(forward(plain(train.images[idx], train.mean, train.std))[0])    # [B, C]
             if not (weak.softmax(1).max(1).values > args.confidence_threshold).any():
                 continue                                                       # skipped: not even a forward pass
+            model.train()
             strong = gather(forward(strong_augment(train.images[idx], train.mean, train.std))[0], grad=True)
             loss, n = confidence_ce(weak, strong, args.confidence_threshold)
             opt.zero_grad(set_to_none=True)
@@ -558,9 +604,11 @@ def train_selflabel(args, stage, model, head, train, test):
 
 
 def clustering_step(args, it, e, g_model, train, test, previous):
-    """Mine neighbours in p(g(x)); train h on g' = a copy of g with Eq. (2) (scan.py's SCAN stage); self-label when
-    --selflabel-epochs > 0. g is untouched. previous: this member's (model, head) of the last iteration."""
-    train_z = predict(g_model, train.images, train.mean, train.std)           # [N, 128], the projected space
+    """Mine neighbours (the paper: in p(g(x)); by default in g(x), see --mine-features); train h on g' = a copy of g
+    with Eq. (2) (scan.py's SCAN stage); self-label when --selflabel-epochs > 0. g is untouched. previous: this
+    member's (model, head) of the last iteration."""
+    net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
+    train_z = F.normalize(predict(net, train.images, train.mean, train.std), dim=1)   # [N, d]
     _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, M]
     info = pixel_check(args, train, neighbor_idx) if it == 1 and args.pixel_check > 0 else {}
     if (train.labels >= 0).all():

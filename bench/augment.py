@@ -1,4 +1,4 @@
-"""Batched device augmentation (scan.py) vs torchvision's per-image PIL pipeline, images/s at 32x32 (or --size).
+"""Batched device augmentation (augment.py) vs torchvision's per-image PIL pipeline, images/s at 32x32 (or --size).
 
 SimCLR: RandomResizedCrop(0.2-1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 + grayscale p=0.2 + normalise.
 Strong: SCAN's "ours" augmentation: flip + 4 of 14 PIL ops with random magnitudes + normalise + Cutout.
@@ -6,7 +6,7 @@ The PIL side is what the reference implementation runs per image in its DataLoad
 
     python bench/augment.py                    # 32x32 RGB, batch 512, torch threads 1
     python bench/augment.py --channels 1 --size 28
-    python bench/augment.py --default-malloc   # without scan.keep_freed_memory(): glibc's malloc defaults
+    python bench/augment.py --default-malloc   # without runtime.keep_freed_memory(): glibc's defaults
 """
 import argparse
 import os
@@ -14,13 +14,13 @@ import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageEnhance, ImageOps
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import scan  # noqa: E402
+import augment
+import runtime
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -83,26 +83,26 @@ def main():
     p.add_argument("--batch", type=int, default=512, help="batch size of the batched augmentation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (PIL side: one process)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; the best of each side is kept")
-    p.add_argument("--default-malloc", action="store_true", help="skip scan.keep_freed_memory() (glibc's defaults)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; each side's best is kept")
+    p.add_argument("--default-malloc", action="store_true", help="skip runtime.keep_freed_memory() (glibc's defaults)")
     args = p.parse_args()
-    kept = not args.default_malloc and scan.keep_freed_memory()               # what scan.py's main() does
+    kept = not args.default_malloc and runtime.keep_freed_memory()            # what runtime.setup() does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     random.seed(0)
     images = torch.randint(0, 256, (2048, args.channels, args.size, args.size), dtype=torch.uint8)
     mode = "RGB" if args.channels == 3 else "L"
-    pil_images = [Image.fromarray(im.permute(1, 2, 0).squeeze(2).numpy() if args.channels == 1 else im.permute(1, 2, 0).numpy(), mode)
-                  for im in images[:100]]
+    pil_images = [Image.fromarray(im.permute(1, 2, 0).squeeze(2).numpy() if args.channels == 1
+                                  else im.permute(1, 2, 0).numpy(), mode) for im in images[:100]]
     mean, std = MEAN[:args.channels], STD[:args.channels]
-    color = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2)] if args.channels == 3 else \
-        [T.RandomApply([T.ColorJitter(0.4, 0.4)], p=0.8)]
+    color = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2)] \
+        if args.channels == 3 else [T.RandomApply([T.ColorJitter(0.4, 0.4)], p=0.8)]
     pil_simclr = T.Compose([T.RandomResizedCrop(args.size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), *color,
                             T.ToTensor(), T.Normalize(mean, std)])
     # The machine may be shared: alternate the two sides for --rounds rounds and keep each side's best rate.
     pil_strong, rows = PILStrong(args.size, mean, std), []
-    for name, pil_fn, ours_fn in [("SimCLR", pil_simclr, lambda x: scan.simclr_augment(x, mean, std)),
-                                  ("strong (SCAN)", pil_strong, lambda x: scan.strong_augment(x, mean, std))]:
+    for name, pil_fn, ours_fn in [("SimCLR", pil_simclr, lambda x: augment.simclr_augment(x, mean, std)),
+                                  ("strong (SCAN)", pil_strong, lambda x: augment.strong_augment(x, mean, std))]:
         pil, ours = 0.0, 0.0
         for _ in range(args.rounds):
             pil = max(pil, rate_pil(pil_fn, pil_images, args.seconds))
@@ -110,8 +110,8 @@ def main():
         rows.append((name, pil, ours))
     print(f"{args.size}x{args.size}x{args.channels}, batch {args.batch}, torch threads {args.threads}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, keep_freed_memory {'on' if kept else 'off'}")
-    print(f"| augmentation | PIL per image (img/s) | batched scan.py (img/s) | ratio |")
-    print(f"|---|---:|---:|---:|")
+    print("| augmentation | PIL per image (img/s) | batched augment.py (img/s) | ratio |")
+    print("|---|---:|---:|---:|")
     for name, pil, ours in rows:
         print(f"| {name} | {pil:,.0f} | {ours:,.0f} | {ours / pil:.1f}x |")
 

@@ -82,14 +82,15 @@ def config(dry):
     """What is measured at which size: the real sizes on a GPU, tiny ones for --cpu-dry-run."""
     if not dry:
         return argparse.Namespace(
-            device="cuda", size=32, arch="resnet18", width=32, dc_archs=["alexnet", "resnet18"], n_train=N_CIFAR,
-            n_test=N_CIFAR_TEST, batch=dict(pretext=512, scan=128, selflabel=1000, deepcluster=256, profeat=512),
+            dry=False, device="cuda", size=32, arch="resnet18", width=32, dc_archs=["alexnet", "resnet18"],
+            n_train=N_CIFAR, n_test=N_CIFAR_TEST,
+            batch=dict(pretext=512, scan=128, selflabel=1000, deepcluster=256, profeat=512),
             warmup=3, target_s=2.5, min_steps=5, n_inference=20_000, aug_seconds=2.0, pil_seconds=3.0,
             knn_small=4000, knn_self=50_000, knn_monitor=(10_000, 50_000), knn_pixels=(5000, 50_000, 3072),
             knn_big=(100_000, 1_000_000), knn_big_self=1_000_000, kmeans_n=50_000, warmup_steps=200,
             real_run_timeout=300, scale=1.0)
     return argparse.Namespace(
-        device="cpu", size=16, arch="smallcnn", width=8, dc_archs=["small"], n_train=512, n_test=256,
+        dry=True, device="cpu", size=16, arch="smallcnn", width=8, dc_archs=["small"], n_train=512, n_test=256,
         batch=dict(pretext=32, scan=16, selflabel=64, deepcluster=32, profeat=32), warmup=1, target_s=0.0,
         min_steps=2, n_inference=256, aug_seconds=0.1, pil_seconds=0.2, knn_small=300, knn_self=1000,
         knn_monitor=(200, 1000), knn_pixels=(100, 1000, 768), knn_big=(500, 5000), knn_big_self=3000, kmeans_n=1000,
@@ -362,7 +363,7 @@ def load_images(cfg, data_root):
     32x32 and repeated to 3 channels; synthetic images when it is missing (and in the dry run)."""
     note = "Fashion-MNIST resized to 32x32, repeated to 3 channels"
     try:
-        if cfg.device == "cpu":
+        if cfg.dry:
             raise data.DataError("dry run: synthetic images")
         sets = [data.load_dataset("fashion-mnist", data_root, s, download=False) for s in ("train", "test")]
         sets = [d._replace(images=data.resize(d.images[:n], cfg.size).repeat(1, 3, 1, 1), labels=d.labels[:n],
@@ -565,9 +566,11 @@ def extras(report, cfg, budget, key, model, opt, train, test, numbers):
             sub = train._replace(images=train.images[:2000])
             nbr = torch.randint(0, len(sub.images), (len(sub.images), 20), device=dev)
             t, _ = timed(lambda: scan.warm_up_heads(ns, model, sub, nbr, None), dev)
-            numbers["warmup-2000"] = t * 2000 / cfg.warmup_steps
-            report.add(2, f"SCAN head warm-up, {cfg.warmup_steps} steps (scan.warm_up_heads, 2000 images)", t, "s",
-                       "x 2000 / steps for the default --warmup-steps 2000 (upper bound: one predict included)")
+            inf = numbers.get("inference", float("inf"))                  # its predict of the train set, once
+            numbers["warmup-2000"] = N_CIFAR / inf + 2000 * max(0.0, t - len(sub.images) / inf) / cfg.warmup_steps
+            report.add(2, f"SCAN head warm-up, {cfg.warmup_steps} steps (scan.warm_up_heads, "
+                          f"{len(sub.images)} images)", t, "s", "one predict of the images, then the steps; "
+                       f"projected to the default 2000 steps on 50k images: {numbers['warmup-2000']:.1f} s")
         if key.startswith("deepcluster") and budget.allows(20):
             deepcluster_epoch(report, cfg, key, model, train, test, numbers)
     finally:
@@ -647,6 +650,7 @@ def child_knn_self(args, cfg):
 
 
 CHILDREN = []  # running subprocesses, killed on the way out
+TEMP_DIRS = []  # the real run's output folders, removed on the way out
 
 
 class Proc:
@@ -901,6 +905,7 @@ def start_real_run(cfg, budget, args):
                  "--device", "cuda"]
         epochs = dict(pretext=3, scan=2, selflabel=1)
     out = tempfile.mkdtemp(prefix="gpu_check_scan_")
+    TEMP_DIRS.append(out)
     cmd = [sys.executable, os.path.join(ROOT, "scan.py"), *flags, "--out-dir", out, "--log-every", "10"]
     timeout = min(cfg.real_run_timeout, budget.left() - 30 * cfg.scale)
     log(f"part 6: {' '.join(cmd[1:])} (timeout {timeout:.0f} s)")
@@ -957,7 +962,8 @@ def finish_real_run(report, cfg, budget, args, run):
 def environment(cfg):
     meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), torch=torch.__version__,
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-                cpus=os.cpu_count(), device=cfg.device, gpu=None)
+                cpus=os.cpu_count(), device=cfg.device, gpu=None,
+                tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32))
     if cfg.device.startswith("cuda"):
         p = torch.cuda.get_device_properties(0)
         meta.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
@@ -1060,6 +1066,8 @@ def main(argv=None):
     finally:
         for proc in list(CHILDREN):
             kill(proc)
+        for folder in TEMP_DIRS:
+            shutil.rmtree(folder, ignore_errors=True)
     for part in args.parts:
         if not any(r["part"] == part for r in report.rows):
             report.skip(part, "all measurements", "not reached")

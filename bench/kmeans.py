@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import deepcluster  # noqa: E402
+import deepcluster
 
 
 def inertia_of(x, centroids):

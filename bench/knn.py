@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from knn import knn  # noqa: E402
+from knn import knn
 
 
 def rss_kib(field):
@@ -51,8 +51,6 @@ def main():
     args = parser.parse_args()
 
     import faiss
-    from sklearn.neighbors import NearestNeighbors
-    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -90,6 +88,8 @@ def main():
                      same_sets(ours_l2_idx.numpy(), l2_sets), float("nan")))
         rows.append((f"{args.n}x{dim}", "faiss IndexFlatL2", t_l2, 1.0, 1.0, float("nan")))
         if not args.skip_sklearn:
+            from sklearn.neighbors import NearestNeighbors
+            from threadpoolctl import threadpool_limits
             with threadpool_limits(args.threads):
                 search = NearestNeighbors(n_neighbors=args.k + 1, algorithm="brute", metric="cosine",
                                           n_jobs=args.threads).fit(feats_np)
@@ -101,8 +101,8 @@ def main():
 
     print(f"\nexact top-{args.k} self-search, {args.threads} threads, best of {args.repeats}; "
           f"ratio = time / faiss time of the same metric; agree = rows whose neighbour set equals the reference's")
-    print(f"| data | method | seconds | ratio to faiss | agree | peak extra MiB |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("| data | method | seconds | ratio to faiss | agree | peak extra MiB |")
+    print("|---|---|---:|---:|---:|---:|")
     for data, method, secs, ratio, agree, mib in rows:
         mib_text = "" if np.isnan(mib) else f"{mib:.0f}"
         print(f"| {data} | {method} | {secs:.2f} | {ratio:.2f} | {agree:.4f} | {mib_text} |")

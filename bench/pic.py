@@ -18,7 +18,7 @@ import scipy.sparse
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import deepcluster as dc  # noqa: E402
+import deepcluster as dc
 
 
 def local_knn_graph(n, k=5, seed=0, reach=32):
@@ -102,7 +102,8 @@ def main():
     for r in rows:
         ref = f"{r['ref_power']:.2f} / {r['ref_extract']:.2f}" if "ref_power" in r else "-"
         print(f"| {r['n']:,} | {r['graph']:.2f} | {r['power']:.2f} | {r['iters']} | {r['extract']:.2f} | "
-              f"{r['total']:.2f} | {r['clusters']:,} | {r['singletons']:,} | {ref} | {'yes' if 'ref_power' in r else '-'} |")
+              f"{r['total']:.2f} | {r['clusters']:,} | {r['singletons']:,} | {ref} | "
+              f"{'yes' if 'ref_power' in r else '-'} |")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ Exit status 1 if any corrupt file, log duplicate or mismatch, else 0. Epochs los
                                                                  # reference, killedNN/, logs/ (every run's stdout)
                                                                  # and attempts.jsonl (kind, moment, exit of each run)
 
-Every run uses --device cpu --threads 1. Each start of a script imports torch (seconds), so kills early in the
-window hit the import; that too must be harmless.
+The scripts run from a copy of the repository's top-level modules taken at the start (in --out), so that an edit
+of the working tree during the benchmark cannot change a rerun. Every run uses --device cpu --threads 1. Each start
+of a script imports torch (seconds), so kills early in the window hit the import; that too must be harmless.
 """
 import argparse
 import ctypes
@@ -239,12 +240,22 @@ def epochs_lost(finished_by_kill, later):
 
 
 # ---- one script ---------------------------------------------------------------------------------------------------
-def bench_script(script, extra, kills, write_kills, rng, out):
+def snapshot_sources(out):
+    """Copy the repository's top-level modules to a folder of out and return it: every run of the benchmark uses
+    these, so that an edit of the working tree during the benchmark (minutes) cannot make a rerun differ."""
+    src = tempfile.mkdtemp(prefix="src-", dir=out)
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(ROOT, name), src)
+    return src
+
+
+def bench_script(script, extra, kills, write_kills, rng, out, src):
     stem = os.path.splitext(script)[0]
     base = tempfile.mkdtemp(prefix=stem + "-", dir=out)
     logs = os.path.join(base, "logs")
     os.makedirs(logs)
-    cmd = lambda folder: [sys.executable, os.path.join(ROOT, script), *COMMON, *extra, "--out-dir", folder]
+    cmd = lambda folder: [sys.executable, os.path.join(src, script), *COMMON, *extra, "--out-dir", folder]
     t_start = time.monotonic()
     ref = os.path.join(base, "reference")
     os.makedirs(ref)
@@ -312,7 +323,8 @@ def table(results):
     rows = [[r["script"], r["kills"], r["mid_write"], r["corrupt"], r["lost"], r["dups"], r["mismatches"],
              f"{r['wall_s']:.0f}"] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -335,11 +347,11 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     torch.set_num_threads(1)
-    rng, results = random.Random(args.seed), []
+    rng, results, src = random.Random(args.seed), [], snapshot_sources(out)
     t0 = time.monotonic()
     for script in args.scripts:
         print(f"{script}: reference run, then {args.kills} kills ...", flush=True)
-        s = bench_script(script, CONFIGS[script][args.quick_config], args.kills, args.write_kills, rng, out)
+        s = bench_script(script, CONFIGS[script][args.quick_config], args.kills, args.write_kills, rng, out, src)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["kinds"].items()))
         print(f"{script}: reference run {s['reference_s']:.1f} s; {s['kills']} kills ({kinds}) over {s['folders']} "
               f"folders, {s['attempts']} runs; runs in {s['base']}", flush=True)
@@ -348,6 +360,11 @@ def main(argv=None):
     print(table(results))
     print(f"total wall time {time.monotonic() - t0:.0f} s; kill moments uniform in [0, reference run time], seed "
           f"{args.seed}; mid-write: kills that left a *.tmp behind")
+    changed = [n for n in sorted(os.listdir(src)) if not os.path.exists(os.path.join(ROOT, n))
+               or open(os.path.join(ROOT, n), "rb").read() != open(os.path.join(src, n), "rb").read()]
+    if changed:
+        print(f"note: {', '.join(changed)} changed in the working tree during the benchmark; the runs used the "
+              f"copies taken at its start")
     for s in results:
         for note in s["notes"]:
             print(f"{s['script']}: {note}")

@@ -1,6 +1,6 @@
 """bench/gpu_check.py keeps working without a GPU: its --cpu-dry-run runs every part on the CPU with tiny sizes.
 
-    python -m pytest -q tests/test_gpu_check.py      # about half a minute: three processes import torch
+    python -m pytest -q tests/test_gpu_check.py      # under a minute: the dry run starts three processes
 """
 import importlib.util
 import json

@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmarks in bench/ (not gpu_check.py, reliability.py, knn_ddp.py: their own tests): each
+script runs in a subprocess on one thread with the smallest arguments that still take its code path, exits 0 and
+prints its table. They check that the scripts keep up with the modules they measure (imports, flags, checkpoint
+formats), not the numbers. Where a script reads a run's checkpoint, the run that writes it (scan.py, deepcluster.py,
+tiny) goes first in the same process: one torch import instead of two, each costs seconds on a small machine."""
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is not installed "
+                                 "(pip install -r requirements-dev.txt)")
+
+
+def run(argv, env=None, timeout=300):
+    """Run argv from the repository root; assert exit 0; return stdout."""
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ONE_THREAD, **(env or {})})
+    assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def run_after(script, script_argv, bench, bench_argv):
+    """In one Python process: runtime.main() of script (scan or deepcluster) with script_argv, then the bench script
+    as __main__ with bench_argv. Returns stdout."""
+    code = (f"import runpy, sys, runtime, {script}\n"
+            f"runtime.main({script}.SCRIPT, {script}.run, {script_argv!r})\n"
+            f"sys.argv = {[bench, *bench_argv]!r}\n"
+            f"runpy.run_path({bench!r}, run_name='__main__')\n")
+    return run([sys.executable, "-c", code])
+
+
+def test_augment():
+    out = run([sys.executable, "bench/augment.py", "--size", "16", "--batch", "256", "--seconds", "0.01",
+               "--rounds", "1", "--threads", "1"])
+    assert "| augmentation | PIL per image (img/s) | batched augment.py (img/s) | ratio |" in out
+    assert "| SimCLR |" in out and "| strong (SCAN) |" in out
+
+
+def test_scan_throughput():
+    out = run([sys.executable, "bench/scan_throughput.py", "--size", "16", "--batch", "8", "--width", "8",
+               "--heads", "2", "--steps", "1", "--threads", "1"])
+    assert "| stage | images/s |" in out
+    assert all(f"| {stage} |" in out for stage in ["pretext (SimCLR)", "scan", "selflabel"])
+
+
+def test_scan_graph_reads_a_scan_run(tmp_path):
+    scan_argv = ["--dataset", "synthetic", "--image-size", "16", "--arch", "smallcnn", "--width", "8", "--subset",
+                 "200", "--pretext-epochs", "1", "--pretext-batch-size", "100", "--scan-epochs", "0",
+                 "--warmup-steps", "1", "--selflabel-epochs", "0", "--num-neighbors", "5", "--pixel-check", "200",
+                 "--threads", "1", "--log-every", "1000", "--out-dir", str(tmp_path)]
+    out = run_after("scan", scan_argv, "bench/scan_graph.py", [str(tmp_path), "--clusters", "5"])
+    assert f"{tmp_path}: 200 train images, 5-NN graph, 5 clusters" in out
+    assert "spectral clustering of the graph" in out and "k-means on the pretext embedding: ACC" in out
+    # The run's subset is found again, labels in the mined order: scan.py's own top-5 neighbour accuracy (its pixel
+    # check over all 200 images) is the one the bench prints.
+    mine = next(row for row in map(json.loads, open(tmp_path / "log.jsonl")) if row["stage"] == "mine")
+    assert f"neighbour accuracy top-5 {mine['neighbor_acc_top5']:.3f}," in out
+
+
+def test_deepcluster_eval_reads_a_checkpoint_and_a_random_cnn(tmp_path):
+    dc_argv = ["--dataset", "synthetic", "--image-size", "16", "--arch", "small", "--epochs", "0", "--subset", "100",
+               "--test-subset", "100", "--batch-size", "32", "--threads", "1", "--log-every", "1000",
+               "--out-dir", str(tmp_path)]
+    ckpt = str(tmp_path / "deepcluster.pt")
+    out = run_after("deepcluster", dc_argv, "bench/deepcluster_eval.py",
+                    [ckpt, "random:0", "--dataset", "synthetic", "--image-size", "16", "--restarts", "1"])
+    report = out[out.index(f"{ckpt}: "):]
+    ours, random = report.split("random:0: ")
+    assert "of the output units are zero after the ReLU" in ours
+    assert "descriptors      best of   1 (seed sets 1/2/3):" in ours and "top_layer_input  best of   1" in ours
+    assert ours[len(ckpt) + 2:] == random                       # --epochs 0 saves the CNN that random:SEED builds
+
+
+def test_profeat_fmnist_commands_parse_with_the_same_budget(tmp_path):
+    """The four commands of bench/profeat_fmnist.sh (printed by DRY_RUN=1, not run: 35 min) parse with scan.py's and
+    profeat.py's flags, and give both scripts the same epochs of each kind, batches, learning rates and thresholds."""
+    out = run(["bash", "bench/profeat_fmnist.sh", str(tmp_path / "pf"), "3"], env={"DRY_RUN": "1"})
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["scan.py", "profeat.py", "profeat.py", "profeat.py"]
+    assert not os.path.exists(tmp_path / "pf")
+    import profeat
+    import scan
+    s = scan.parse_args(lines[0].split()[1:])
+    runs = [profeat.parse_args(line.split()[1:]) for line in lines[1:]]
+    assert [(p.carry_h, p.ensemble) for p in runs] == [(False, 1), (True, 1), (True, 2)]
+    for p in runs:
+        assert (p.seed, p.subset, p.threads, p.dataset) == (s.seed, s.subset, s.threads, s.dataset) == \
+            (3, 8000, 1, "fashion-mnist")
+        assert s.pretext_epochs == p.pretext_epochs + (p.iterations - 1) * p.refine_epochs
+        assert s.scan_epochs == p.iterations * p.scan_epochs
+        assert s.selflabel_epochs == p.iterations * p.selflabel_epochs
+        for k in ["arch", "width", "num_heads", "pretext_batch_size", "pretext_lr", "scan_lr", "scan_batch_size",
+                  "selflabel_lr", "selflabel_batch_size", "confidence_threshold", "weight_decay", "warmup_steps",
+                  "num_neighbors", "mine_features"]:
+            assert getattr(s, k, None) == getattr(p, k, None), k
+        assert p.t_s == s.confidence_threshold
+
+
+@needs_faiss
+def test_kmeans():
+    out = run([sys.executable, "bench/kmeans.py", "--n", "2000", "--dim", "16", "--k", "10", "--iters", "5",
+               "--seeds", "1", "--threads", "1", "--no-sklearn"])
+    assert "| method | time (s, median of 1) | time / faiss | inertia (mean) | inertia vs faiss |" in out
+    assert "| deepcluster.kmeans (torch) |" in out
+
+
+def test_pic():
+    out = run([sys.executable, "bench/pic.py", "--sizes", "2000", "--check-up-to", "2000", "--threads", "1"])
+    assert "| nodes | graph W (s) | power iteration (s) | iterations |" in out
+    assert "| 2,000 |" in out and out.rstrip().endswith("| yes |")          # the same clusters as the reference
+
+
+@needs_faiss
+def test_knn():
+    out = run([sys.executable, "bench/knn.py", "--n", "2000", "--dims", "32", "--threads", "1", "--skip-sklearn"])
+    assert "| data | method | seconds | ratio to faiss | agree | peak extra MiB |" in out
+    assert "| 2000x32 | ours knn cosine |" in out
