@@ -1,9 +1,7 @@
 """profeat.py: ProFeat, unsupervised image clustering by progressive feature refinement, in one file.
 
-  J. Kim, S. Im, J. Cho, "ProFeat: Unsupervised Image Clustering via Progressive Feature Refinement".
-  Built on SCAN: W. Van Gansbeke et al., "SCAN: Learning to Classify Images without Labels", ECCV 2020,
-  https://arxiv.org/abs/2005.12320. The authors released no code: each place where the paper leaves a choice open
-  is marked "CHOICE:".
+  J. Kim, S. Im, J. Cho, "ProFeat: Unsupervised Image Clustering via Progressive Feature Refinement". Built on SCAN
+  (https://arxiv.org/abs/2005.12320). No code was released: where the paper leaves a choice open it says "CHOICE:".
 
 For t = 1..--iterations and each of the E ensemble members e (E = 1: ProFeat_s, E > 1: ProFeat_e):
 
@@ -12,11 +10,12 @@ For t = 1..--iterations and each of the E ensemble members e (E = 1: ProFeat_s, 
                      and every pair of images of one confident cluster (ProFeat_s, threshold t_s, Sec. 2.2) or
                      connected by the ensemble's agreement count (ProFeat_e, Eq. (3), thresholds t_e, t_c, Sec. 2.4);
                      negatives = every other pair among the kept images.
-  2. clustering      mine M neighbours in the projected space p(g_e(x)); train h_e on an auxiliary copy g'_e of g_e with
-                     SCAN's loss, Eq. (2) (g_e itself is never updated here); optionally self-label (t_f).
+  2. clustering      mine M neighbours (the paper: in p(g_e(x)); here by default in g_e(x), --mine-features); train
+                     h_e on an auxiliary copy g'_e of g_e with SCAN's loss, Eq. (2) (g_e itself is never updated
+                     here); optionally self-label (t_f).
 
-The test split is evaluated after every iteration (the paper's Fig. 1); one member is kept at the end. The backbone,
-the SCAN and self-labelling stages and their helpers are scan.py's, copied verbatim (a test keeps them identical).
+The test split is evaluated after every iteration (the paper's Fig. 1); one member is kept at the end. The model and
+the SCAN and self-labelling stages are scan.py's, copied verbatim (a test keeps them identical).
 
     python profeat.py --dataset synthetic --quick                           # about a minute on a CPU
     python profeat.py --dataset cifar10 --device cuda                       # ProFeat_s, the paper's settings
@@ -70,12 +69,10 @@ PRESETS = {
 def parse_args(argv=None):
     p = runtime.parser(SCRIPT, "ProFeat: alternate confident-pair representation refinement and SCAN clustering.")
     a, pos, rate = p.add_argument, at_least(1), at_least(0.0, float)
-    a("--dataset", default="cifar10", help="cifar10 | cifar20 | cifar100 | stl10 | fashion-mnist | mnist | "
-      "imagefolder:PATH | synthetic")
+    a("--dataset", default="cifar10", help="cifar10 | cifar20 | stl10 | fashion-mnist | imagefolder:PATH | ...")
     a("--data-root", default="./data", help="where datasets are found or downloaded to")
     a("--train-split", default="train", help="split clustered and refined on")
-    a("--pretext-split", default=None, help="split of the first (SimCLR) step (default: --train-split; stl10: "
-      "train+unlabeled)")
+    a("--pretext-split", default=None, help="split of iteration 1's SimCLR (default: --train-split)")
     a("--test-split", default="test", help="split evaluated after each iteration")
     a("--image-size", type=int, default=None, help="resize images to this square size (image folders: 64)")
     a("--subset", type=at_least(2), default=None, help="train on a random subset of this many images")
@@ -87,8 +84,7 @@ def parse_args(argv=None):
     a("--ensemble", type=pos, default=1, help="E members (g_e, h_e): 1 = ProFeat_s, more = ProFeat_e (paper: 5)")
     a("--t-s", type=at_least(0.01, float), default=0.99, help="ProFeat_s: min max-probability of a confident image")
     a("--t-e", type=pos, default=None, help="ProFeat_e: min agreement count of a connected pair (default: E)")
-    a("--t-c", type=pos, default=None, help="ProFeat_e: min connections in the batch of a kept image (default: "
-      "cifar10 20, cifar20 10, stl10 1, else 0.4 B / K)")
+    a("--t-c", type=pos, default=None, help="ProFeat_e: min connections in the batch of a kept image (0.4 B / K)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs of iteration 1")
     a("--refine-epochs", type=at_least(0), default=50, help="representation fine-tuning epochs of each later iteration")
     a("--pretext-batch-size", type=pos, default=512, help="representation batch B (images; twice as many views)")
@@ -106,17 +102,13 @@ def parse_args(argv=None):
     a("--warmup-steps", type=at_least(0), default=2000, help="SCAN: steps training the heads alone first (Adam 1e-3)")
     a("--entropy-weight", type=rate, default=5.0, help="lambda of Eq. (2)")
     a("--update-head-only", action="store_true", help="SCAN: keep g' fixed, train the heads only")
-    a("--carry-h", action=argparse.BooleanOptionalAction, default=True, help="head 0 of each clustering step "
-      "continues the previous iteration's h (the others start afresh)")
+    a("--carry-h", action=argparse.BooleanOptionalAction, default=True, help="head 0 starts as the last h")
     a("--selflabel-epochs", type=at_least(0), default=200, help="self-labelling epochs per clustering step (0: none)")
     a("--selflabel-batch-size", type=pos, default=1000, help="self-labelling batch")
     a("--selflabel-lr", type=rate, default=1e-4, help="self-labelling Adam learning rate")
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
-    a("--pixel-check", type=at_least(0), default=5000, help="at iteration 1, compare the neighbours of this many "
-      "images with the raw pixels' own (0: skip)")
-    a("--predict", default=None, metavar="PATH", help="apply the finished run in --out-dir to an image or a folder "
-      "of images: writes predict-NAME.csv and .png there, no training")
+    a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the networks")
     a("--deterministic", action="store_true", help="CUDA: deterministic kernels, no cuDNN benchmark (slower)")
@@ -364,9 +356,12 @@ def load(args, stage, model=None, opt=None):
     return ckpt
 
 
-def save(args, stage, model, opt, losses, row, epochs, **extra):
-    """End of an epoch: stop if a loss was non-finite, then log the row and save the checkpoint (rank 0 writes)."""
+def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
+    """End of an epoch: stop if a loss or weight is non-finite, add monitor()'s numbers to the row, log the row, then
+    save the checkpoint (rank 0 writes): a kill between the two leaves the epoch to be redone, never half-logged."""
     runtime.check_losses(torch.stack(losses), stage, row["epoch"])
+    runtime.check_weights(model.state_dict(), stage, row["epoch"])
+    row.update(monitor() if monitor is not None else {})
     if runtime.STATE["rank"] == 0:
         runtime.log_row(args.out_dir, row)
     runtime.save_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
@@ -381,8 +376,8 @@ def stage_name(it, e, kind):  # e.g. it003_m1_scan: iteration 3, member 1, the S
 def representation_step(args, it, e, model, pretext, groups_of):
     """Eq. (1) on g_e and p_e, in place. groups_of(idx) -> (keep [B], group [B, B]) for a global batch idx [B]."""
     stage, E = stage_name(it, e, "pretext"), args.pretext_epochs if it == 1 else args.refine_epochs
-    before = 0 if it == 1 else args.pretext_epochs + (it - 2) * args.refine_epochs   # representation epochs so far
-    total = args.pretext_epochs + (args.iterations - 1) * args.refine_epochs
+    before, total = (0 if it == 1 else args.pretext_epochs + (it - 2) * args.refine_epochs,   # epochs so far, all
+                     args.pretext_epochs + (args.iterations - 1) * args.refine_epochs)
     # CHOICE: "0.4, gradually decreased to 0.0004 through iterations": one cosine schedule over every representation
     # epoch of the run. Each iteration gets a fresh SGD (momentum reset): a fine-tuning run of its own.
     opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -427,34 +422,6 @@ def representation_step(args, it, e, model, pretext, groups_of):
             f"of {B} pairs {row['positive_pairs']:.0f} ({row['seconds']:.0f} s)")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
     return row
-
-
-def pixel_check(args, train, neighbor_idx):
-    """Do the pretext's neighbours know more than the pixels? For a sample of train images: the share of their
-    pretext neighbours that are also their raw pixels' neighbours (cosine; pixels at most 32x32) and, with labels,
-    the neighbour accuracy of both. SCAN learns to agree with its neighbours: where the pixels' are purer, expect
-    SCAN to do no better than clustering the pixels."""
-    K = neighbor_idx.shape[1]
-    anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
-    pixels = (train.images if train.images.shape[-1] <= 32 else data.resize(train.images, 32)).flatten(1).float()
-    _, pixel_idx = knn(pixels[anchors.to(args.device)], pixels, k=K + 1, exclude_self=False)  # [A, K + 1]
-    pixel_idx = pixel_idx.gather(1, (pixel_idx.cpu() == anchors[:, None]).int().argsort(dim=1, stable=True)[:, :K]
-                                 .to(args.device)).cpu()                       # the K nearest other images
-    ours, labels = neighbor_idx[anchors.to(args.device)].cpu(), train.labels.cpu()
-    info = {"pixel_agreement": metrics.neighbor_agreement(ours, pixel_idx)}
-    say(f"[mine] {100 * info['pixel_agreement']:.0f}% of the pretext's {K} neighbours are also the raw pixels' "
-        f"(over {len(anchors)} images)")
-    if (labels >= 0).all():
-        for k in sorted({5, K}):
-            info[f"neighbor_acc_top{k}"] = metrics.neighbor_acc(ours[:, :k], labels, anchors)
-            info[f"pixel_neighbor_acc_top{k}"] = metrics.neighbor_acc(pixel_idx[:, :k], labels, anchors)
-            say(f"[mine] top-{k} neighbours with the anchor's label: pretext {info[f'neighbor_acc_top{k}']:.3f}, "
-                f"raw pixels {info[f'pixel_neighbor_acc_top{k}']:.3f}")
-        if info[f"neighbor_acc_top{K}"] < info[f"pixel_neighbor_acc_top{K}"]:
-            say("[mine] WARNING: the pretext's neighbours are less pure than the raw pixels'. SCAN learns to agree "
-                "with them, so expect it to end no better than k-means on the pixels: train the pretext longer "
-                "(--pretext-epochs) or change its augmentation before trusting the next stages.")
-    return info
 
 
 @torch.no_grad()
@@ -610,12 +577,11 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
     train_z = F.normalize(predict(net, train.images, train.mean, train.std), dim=1)   # [N, d]
     _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, M]
-    info = pixel_check(args, train, neighbor_idx) if it == 1 and args.pixel_check > 0 else {}
+    info = {}                                                                  # (scan.py also compares with pixels)
     if (train.labels >= 0).all():
         info["neighbor_acc"] = metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())
-    # g' starts as g (a deep copy: g's weights are never touched). CHOICE: the text "iteratively learns both g and h"
-    # and uses "the final g and h", so h carries over: head 0 continues the previous iteration's h, the other heads
-    # start afresh and the lowest-loss head is kept as before (iteration 1 is exactly SCAN).
+    # g' starts as g (a deep copy: g's weights are never touched). CHOICE: "iteratively learns both g and h": head 0
+    # starts as the last iteration's h; the warm-up then fits every head to k-means' partition of g's features.
     runtime.reseed(args.seed, stage_name(it, e, "heads"), -1)                 # the heads' initial weights
     model = ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads)
     if args.carry_h and previous is not None:

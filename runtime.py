@@ -279,13 +279,18 @@ def log_row(out_dir, row):
 def save_checkpoint(path, script, stage, config, **state):
     """Write state (its "model" a state_dict) stamped with script, stage and config. Refuses non-finite weights or
     BatchNorm statistics: a diverged run stops with the last good checkpoint intact."""
-    bad = [k for k, v in state.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UsageError(f"{stage}: the weights became non-finite at epoch {state.get('epoch')} "
-                         f"({', '.join(bad[:3])}); {diverged_hint()}")
+    check_weights(state.get("model", {}), stage, state.get("epoch"))
     if STATE["rank"] == 0:
         atomic_write(path, {"script": script, "stage": stage, "config": config, **state})
     STATE["saved"] = f"{stage} epoch {state['epoch']} ({path})" if "epoch" in state else STATE["saved"]
+
+
+def check_weights(state_dict, stage, epoch):
+    """Stop (UsageError) if a weight or BatchNorm statistic is not finite."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"{stage}: the weights became non-finite at epoch {epoch} ({', '.join(bad[:3])}); "
+                         + diverged_hint())
 
 
 def diverged_hint():

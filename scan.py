@@ -108,7 +108,8 @@ def parse_args(argv=None):
     a("--deterministic", action="store_true", help="CUDA: deterministic kernels, no cuDNN benchmark (slower)")
     a("--threads", type=pos, default=None, help="CPU threads (default: torch's choice)")
     a("--seed", type=int, default=0, help="random seed: same seed, same device, same results")
-    a("--quick", action="store_true", help="small CNN, 4000 images, 6+2+1 epochs: the pipeline in a minute or two")
+    a("--quick", action="store_true", help="small CNN, 4000 images, 6 pretext epochs, the heads' warm-up, 1 "
+      "self-labelling epoch: the pipeline in a minute or two")
     a("--restart", action="store_true", help="delete this script's files in --out-dir and start over")
     a("--log-every", type=rate, default=5.0, help="seconds between progress lines")
     base = lambda args: args.dataset.split(":")[0]
@@ -334,9 +335,12 @@ def load(args, stage, model=None, opt=None):
     return ckpt
 
 
-def save(args, stage, model, opt, losses, row, epochs, **extra):
-    """End of an epoch: stop if a loss was non-finite, then log the row and save the checkpoint (rank 0 writes)."""
+def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
+    """End of an epoch: stop if a loss or weight is non-finite, add monitor()'s numbers to the row, log the row, then
+    save the checkpoint (rank 0 writes): a kill between the two leaves the epoch to be redone, never half-logged."""
     runtime.check_losses(torch.stack(losses), stage, row["epoch"])
+    runtime.check_weights(model.state_dict(), stage, row["epoch"])
+    row.update(monitor() if monitor is not None else {})
     if runtime.STATE["rank"] == 0:
         runtime.log_row(args.out_dir, row)
     runtime.save_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
@@ -372,12 +376,12 @@ def train_pretext(args, pretext, test):
             progress.step(epoch, step, loss, 2 * B)
         row = {"stage": "pretext", "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": lr,
                "seconds": time.time() - t0, "images_per_s": 2 * B * len(losses) / (time.time() - t0)}
-        save(args, "pretext", model, opt, losses, row, E)                      # stops here if anything diverged
-        if ((epoch + 1) % monitor_every == 0 or epoch + 1 == E) and (pretext.labels >= 0).all() and \
-                (test.labels >= 0).all():
-            row["knn_acc"] = weighted_knn_acc(predict(model, pretext.images, pretext.mean, pretext.std), pretext.labels,
-                                              predict(model, test.images, test.mean, test.std), test.labels)
-            runtime.log_row(args.out_dir, row) if runtime.STATE["rank"] == 0 else None
+        monitor = lambda: {"knn_acc": weighted_knn_acc(predict(model, pretext.images, pretext.mean, pretext.std),
+                                                       pretext.labels, predict(model, test.images, test.mean, test.std),
+                                                       test.labels)}
+        due = ((epoch + 1) % monitor_every == 0 or epoch + 1 == E) and (pretext.labels >= 0).all() and \
+            (test.labels >= 0).all()
+        save(args, "pretext", model, opt, losses, row, E, monitor if due else None)   # stops if anything diverged
         say(f"[pretext] epoch {epoch + 1}/{E} loss {row['loss']:.4f} lr {lr:.4g} {row['images_per_s']:.0f} img/s"
             + (f" knn_acc {row['knn_acc']:.4f}" if "knn_acc" in row else ""))
     return model

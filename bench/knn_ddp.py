@@ -108,8 +108,9 @@ def main():
     print("|---|---:|---:|---:|---|---|---:|")
     for (name, _, _), (single, single_cpu), result in zip(cases(keys, queries), singles, results):
         seconds, busy, cpu = (float(result[i]) for i in (0, 2, 3))
-        print(f"| {name} | {single:.2f} | {seconds:.2f} | {seconds / single:.2f} | "
-              f"{'yes' if result[1] == '1' else 'NO'} | {single_cpu / single:.2f}; {busy:.2f} | {cpu / single_cpu:.2f} |")
+        same = "yes" if result[1] == "1" else "NO"
+        print(f"| {name} | {single:.2f} | {seconds:.2f} | {seconds / single:.2f} | {same} | "
+              f"{single_cpu / single:.2f}; {busy:.2f} | {cpu / single_cpu:.2f} |")
 
 
 if __name__ == "__main__":

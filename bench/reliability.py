@@ -61,9 +61,9 @@ CONFIGS = {
                  "--warmup-steps", "30", "--pixel-check", "100"],
                 ["--subset", "300", "--pretext-epochs", "2", "--scan-epochs", "1", "--selflabel-epochs", "1",
                  "--warmup-steps", "10", "--pixel-check", "50"]),
-    "profeat.py": (["--subset", "300", "--warmup-steps", "30", "--pixel-check", "100"],
+    "profeat.py": (["--subset", "300", "--warmup-steps", "30"],
                    ["--subset", "300", "--pretext-epochs", "2", "--refine-epochs", "1", "--scan-epochs", "1",
-                    "--warmup-steps", "10", "--pixel-check", "50"]),
+                    "--warmup-steps", "10"]),
     "deepcluster.py": (["--subset", "500", "--test-subset", "500", "--epochs", "4"],
                        ["--subset", "300", "--test-subset", "300", "--epochs", "2"]),
 }

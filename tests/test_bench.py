@@ -122,3 +122,25 @@ def test_knn():
     out = run([sys.executable, "bench/knn.py", "--n", "2000", "--dims", "32", "--threads", "1", "--skip-sklearn"])
     assert "| data | method | seconds | ratio to faiss | agree | peak extra MiB |" in out
     assert "| 2000x32 | ours knn cosine |" in out
+
+
+def test_pretext_neighbours():
+    out = run([sys.executable, "bench/pretext_neighbours.py", "--dataset", "synthetic", "--image-size", "16",
+               "--subset", "200", "--test-subset", "200", "--epochs", "1", "--batch-size", "100", "--width", "8",
+               "--configs", "0.1:1,0.2:2", "--seed", "0", "1", "--threads", "1"])
+    assert "| seed | temperature | pool | backbone dim | proj top-5 | proj top-20 | backbone top-5 |" in out
+    assert "| 0 | 0.1 | 1x1 | 64 |" in out and "| 1 | 0.2 | 2x2 | 256 |" in out   # global pool: 8w-d, 2x2: 32w-d
+    assert "seed 1: raw pixels (768-d, cosine): neighbour accuracy top-5" in out
+    assert "| 0.1 | 1x1 | " in out and " ± " in out                       # the mean +- std table over the two seeds
+
+
+def test_scan_warmup_reads_a_scan_run(tmp_path):
+    scan_argv = ["--dataset", "synthetic", "--image-size", "16", "--arch", "smallcnn", "--width", "8", "--subset",
+                 "200", "--pretext-epochs", "1", "--pretext-batch-size", "100", "--scan-epochs", "0",
+                 "--warmup-steps", "1", "--selflabel-epochs", "0", "--num-neighbors", "5", "--pixel-check", "0",
+                 "--threads", "1", "--log-every", "1000", "--out-dir", str(tmp_path)]
+    out = run_after("scan", scan_argv, "bench/scan_warmup.py", [str(tmp_path), "--steps", "20", "--report-at", "10",
+                                                                "--seeds", "0", "1"])
+    assert f"{tmp_path}: synthetic, 200 train images (train), 1000 test, 256-d smallcnn backbone features" in out
+    assert "| seed | k-means | (b) after the fit | (a) 10 | (a) 20 | (b) 10 | (b) 20 | s |" in out
+    assert "| (b) k-means fit + Eq. (2) | " in out and " ± " in out

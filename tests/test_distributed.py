@@ -106,7 +106,7 @@ SCAN_TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subse
              "--pretext-batch-size", "64", "--scan-batch-size", "64", "--selflabel-batch-size", "160",
              "--device", "cpu", "--log-every", "1000"]
 PROFEAT_TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "320", "--pretext-epochs", "2",
-                "--refine-epochs", "1", "--scan-epochs", "1", "--warmup-steps", "30", "--pixel-check", "0",
+                "--refine-epochs", "1", "--scan-epochs", "1", "--warmup-steps", "30",
                 "--pretext-batch-size", "64", "--scan-batch-size", "64", "--selflabel-batch-size", "160",
                 "--device", "cpu", "--log-every", "1000"]
 DEEPCLUSTER_TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--epochs", "2", "--device", "cpu",

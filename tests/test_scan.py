@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import metrics
 import runtime
 import scan
 
@@ -198,21 +199,32 @@ def test_pixel_check_compares_with_brute_force_pixel_neighbours(tiny):
                                                       .float().mean().item())
 
 
-def test_warm_up_trains_the_heads_only_and_keep_if_best_keeps_the_lowest_loss(tiny):
+def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     args, train, _ = tiny
+    args = type(args)(**vars(args))
     torch.manual_seed(0)
     model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
     backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
-    neighbor_idx = torch.randint(0, len(train.images), (len(train.images), 5))
-    before = scan.head_losses(model, train, neighbor_idx, 5.0)
-    scan.warm_up_heads(args, model, train, neighbor_idx, None)
-    after = scan.head_losses(model, train, neighbor_idx, 5.0)
+    feats = runtime.predict(model.backbone, train.images, train.mean, train.std)
+    _, neighbor_idx = scan.knn(F.normalize(feats, dim=1), k=5)                # a real k-NN graph of these features
+    fits = {}
+    for steps in (0, 200):                                                     # the k-means fit alone, then Eq. (2)
+        torch.manual_seed(1)
+        model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(2)])
+        args.warmup_steps = steps
+        scan.warm_up_heads(args, model, train, neighbor_idx, None)
+        fits[steps] = (scan.head_losses(model, train, neighbor_idx, 5.0), model.heads_forward(feats).argmax(2))
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())   # BN statistics too
-    assert any(not torch.equal(v, model.heads.state_dict()[k]) for k, v in heads.items())
-    assert (after < before).all()                                              # Eq. (2) went down for each head
-    best = scan.keep_if_best(model, torch.tensor([-1.0, -2.0]), None, 0)
-    assert (best["head"], best["eval_loss"], best["epoch"]) == (1, -2.0, 0)
+    k_means = scan.kmeans(F.normalize(feats, dim=1), 10, seed=args.seed)[0]
+    for head in fits[0][1]:                                                    # the fit reproduces k-means' partition
+        assert metrics.cluster_acc(head, k_means) > 0.9
+    assert (fits[200][0] < fits[0][0]).all()                                   # and Eq. (2) then goes down
+
+
+def test_keep_if_best_keeps_the_lowest_loss():
+    model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
+    best = scan.keep_if_best(model, torch.tensor([-1.0, -2.0]), None, 1)
+    assert (best["head"], best["eval_loss"], best["epoch"]) == (1, -2.0, 1)
     assert scan.keep_if_best(model, torch.tensor([-1.5, -1.9]), best, 3) is best
     assert scan.keep_if_best(model, torch.tensor([-2.5, -1.0]), best, 4)["epoch"] == 4
 
