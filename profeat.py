@@ -57,10 +57,10 @@ PRESETS = {
     "stl10": dict(t_s=0.95, t_c=1, iterations=100, scan_epochs=100, selflabel_epochs=0,
                   pretext_split="train+unlabeled"),
     "stl10-ensemble": dict(iterations=300),
-    # t_s 0.8: a few SCAN epochs make few predictions 0.99-confident, and the refinement needs confident images
+    # --quick: as scan.py's (the SCAN stage is its warm-up alone)
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
-                  pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=2, warmup_steps=1000,
-                  selflabel_epochs=1, selflabel_batch_size=500, t_s=0.8),
+                  pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
+                  selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
     "smallcnn": dict(temperature=0.2),  # as scan.py's: the CPU network's short schedules
 }
@@ -514,8 +514,8 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
             + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else "") + f" ({row['seconds']:.0f} s)")
         save(args, stage, model, opt, losses, row, E, best=best)
     model.load_state_dict(best["model"])
-    say(f"[{stage}] keeping {'the warm-up' if best['epoch'] == 0 else 'epoch %d' % best['epoch']}, head "
-        f"{best['head']}: the lowest Eq. (2) on the train set")
+    say(f"[{stage}] keeping the warm-up's heads (no epoch followed), head {best['head']}" if best["epoch"] == 0 else
+        f"[{stage}] keeping epoch {best['epoch']}, head {best['head']}: the lowest Eq. (2) on the train set")
     return model, best["head"]
 
 

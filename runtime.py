@@ -186,25 +186,39 @@ def parse_args(p, argv, presets):
 
 # ---- the output folder ----------------------------------------------------------------------------------------
 def take_out_dir(out_dir, script, own_files, restart):
-    """Create and lock out_dir for this run (rank 0; other ranks only wait). own_files: a regex of the file names
-    this script writes; --restart removes exactly those, never another file of the folder."""
+    """Create and lock out_dir for this run (rank 0 does it; an error stops every rank). own_files: a regex of the
+    file names this script writes; --restart removes exactly those, never another file of the folder."""
+    error = None
     if STATE["rank"] == 0:
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir.")
         try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"Cannot create the output folder {out_dir} ({e.strerror}); choose another --out-dir.")
-        lock(out_dir, script)
-        results = os.path.join(out_dir, "results.json")
-        other = json.load(open(results)).get("script", script) if os.path.exists(results) else script
-        if other != script:
-            raise UsageError(f"{out_dir} holds the results of {other}; choose another --out-dir for {script}.")
-        for name in os.listdir(out_dir):
-            if re.fullmatch(own_files, name) and (restart or name.endswith(".tmp")):
-                os.remove(os.path.join(out_dir, name))      # .tmp: a write cut short by a kill
-    if STATE["world"] > 1:
-        dist.barrier()
+            prepare_out_dir(out_dir, script, own_files, restart)
+        except UsageError as e:
+            error = str(e)
+    if STATE["world"] > 1:                                                 # every rank learns rank 0's outcome
+        shared = [error]
+        dist.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error is not None:
+        raise UsageError(error)
+
+
+def prepare_out_dir(out_dir, script, own_files, restart):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"Cannot create the output folder {out_dir} ({e.strerror}); choose another --out-dir.")
+    lock(out_dir, script)
+    try:
+        other = json.load(open(os.path.join(out_dir, "results.json"))).get("script", script)
+    except (OSError, ValueError, AttributeError):                          # none yet, or not ours to read
+        other = script
+    if other != script:
+        raise UsageError(f"{out_dir} holds the results of {other}; choose another --out-dir for {script}.")
+    for name in os.listdir(out_dir):
+        if re.fullmatch(own_files, name) and (restart or name.endswith(".tmp")):
+            os.remove(os.path.join(out_dir, name))                         # .tmp: a write cut short by a kill
 
 
 def lock(out_dir, script):

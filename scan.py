@@ -437,8 +437,8 @@ def pixel_check(args, train, neighbor_idx):
                 f"raw pixels {info[f'pixel_neighbor_acc_top{k}']:.3f}")
         if info[f"neighbor_acc_top{K}"] < info[f"pixel_neighbor_acc_top{K}"]:
             say("[mine] WARNING: the pretext's neighbours are less pure than the raw pixels'. SCAN learns to agree "
-                "with them, so expect it to end no better than k-means on the pixels: train the pretext longer "
-                "(--pretext-epochs) or change its augmentation before trusting the next stages.")
+                "with its neighbours, so a longer pretext (--pretext-epochs) or another augmentation would help more "
+                "than a longer SCAN stage.")
     return info
 
 
@@ -540,8 +540,8 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
             + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else "") + f" ({row['seconds']:.0f} s)")
         save(args, stage, model, opt, losses, row, E, best=best)
     model.load_state_dict(best["model"])
-    say(f"[{stage}] keeping {'the warm-up' if best['epoch'] == 0 else 'epoch %d' % best['epoch']}, head "
-        f"{best['head']}: the lowest Eq. (2) on the train set")
+    say(f"[{stage}] keeping the warm-up's heads (no epoch followed), head {best['head']}" if best["epoch"] == 0 else
+        f"[{stage}] keeping epoch {best['epoch']}, head {best['head']}: the lowest Eq. (2) on the train set")
     return model, best["head"]
 
 

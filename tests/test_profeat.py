@@ -23,7 +23,7 @@ import scan
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run: --quick on 16x16 synthetic images, 300 of them (seconds).
 TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--warmup-steps", "30",
-        "--device", "cpu", "--threads", "1", "--log-every", "1000"]
+        "--scan-epochs", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]
 COPIED_FROM_SCAN = ["load_data", "plain", "make_backbone", "ContrastiveModel", "ClusteringModel", "scan_loss",
                     "confidence_ce", "kmeans", "evaluate", "load", "save", "head_losses",
                     "warm_up_heads", "train_scan", "keep_if_best", "train_selflabel", "predict_files"]
@@ -355,7 +355,7 @@ def test_corrupted_or_foreign_checkpoint_exit_2_and_kept(profeat_s_run, tmp_path
     assert proc.returncode == 2 and "it002_m0_pretext" in proc.stderr and "Traceback" not in proc.stderr
     before = open(os.path.join(out, "results.json")).read()
     proc = run(TINY + ["--out-dir", out, "--t-s", "0.7"], check=False)    # another configuration
-    assert proc.returncode == 2 and "--t-s 0.8 (now 0.7)" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--t-s 0.99 (now 0.7)" in proc.stderr and "Traceback" not in proc.stderr
     assert open(os.path.join(out, "results.json")).read() == before
 
 
