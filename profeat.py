@@ -95,7 +95,7 @@ def parse_args(argv=None):
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "
       "(the paper: projection)")
-    a("--num-heads", type=pos, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
+    a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs of each clustering step (after the warm-up)")
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch (anchors; as many neighbours)")
     a("--scan-lr", type=rate, default=1e-4, help="SCAN Adam learning rate")

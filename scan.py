@@ -74,7 +74,7 @@ def parse_args(argv=None):
     a("--arch", default="resnet18", choices=["resnet18", "smallcnn"], help="ResNet-18 (CIFAR stem) or a small CNN")
     a("--width", type=pos, default=32, help="smallcnn: channels of the first stage (doubled at each stage)")
     a("--num-clusters", type=at_least(2), default=None, help="clusters (default: the classes; more: overclustering)")
-    a("--num-heads", type=pos, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
+    a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--num-neighbors", type=pos, default=20, help="K neighbours mined per image")
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "
       "(SCAN: projection)")

@@ -321,7 +321,7 @@ def test_other_settings_or_a_foreign_checkpoint_are_refused_and_nothing_is_lost(
     shutil.copytree(finished[0], out)
     results = open(os.path.join(out, "results.json")).read()
     res = run(*TINY, "--out-dir", out, "--temperature", "0.5")
-    assert res.returncode == 2 and "--temperature 0.1 (now 0.5)" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "--temperature 0.2 (now 0.5)" in res.stderr and "Traceback" not in res.stderr
     shutil.copy(os.path.join(out, "selflabel.pt"), os.path.join(out, "scan.pt"))   # another stage's checkpoint
     res = run(*TINY, "--out-dir", out)
     assert res.returncode == 2 and "'selflabel', not by scan.py for 'scan'" in res.stderr
@@ -357,10 +357,14 @@ def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tmp_path):
 
 def test_a_diverged_run_stops_with_exit_2_and_never_saves_non_finite_weights(tmp_path):
     out = str(tmp_path / "run")
-    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10")
-    assert res.returncode == 2 and "pretext: the weights became non-finite at epoch 1" in res.stderr
-    assert "lower learning rate" in res.stderr and "starts from the beginning" in res.stderr
-    assert "Traceback" not in res.stderr and not os.path.exists(os.path.join(out, "pretext.pt"))
+    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10")   # epoch 1 (one step) survives, epoch 2 does not
+    assert res.returncode == 2 and "pretext: the weights became non-finite at epoch 2" in res.stderr
+    assert "lower learning rate" in res.stderr and "resumes after pretext epoch 1" in res.stderr
+    assert "Traceback" not in res.stderr
+    saved = torch.load(os.path.join(out, "pretext.pt"), map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 1 and all(t.isfinite().all() for t in saved["model"].values())
+    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10", "--pretext-batch-size", "32", "--restart")
+    assert res.returncode == 2 and "non-finite at epoch" in res.stderr and "starts from the beginning" in res.stderr
 
 
 def test_an_unfinished_stage_resumes_with_another_learning_rate(tmp_path):
@@ -373,7 +377,7 @@ def test_an_unfinished_stage_resumes_with_another_learning_rate(tmp_path):
     proc.wait()
     res = run(*TINY, "--out-dir", out, "--pretext-epochs", "6", "--pretext-lr", "0.05")
     assert res.returncode == 0, res.stderr
-    assert "[pretext] resuming with --pretext-lr 0.05 (the checkpoint used 0.1)" in res.stdout
+    assert "[pretext] resuming with --pretext-lr 0.05 (the checkpoint used 0.2)" in res.stdout
     res = run(*TINY, "--out-dir", out, "--pretext-epochs", "6", "--pretext-lr", "0.1")   # now finished: refused
     assert res.returncode == 2 and "--pretext-lr 0.05 (now 0.1)" in res.stderr
 
