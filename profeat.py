@@ -90,7 +90,8 @@ def parse_args(argv=None):
     a("--pretext-batch-size", type=pos, default=512, help="representation batch B (images; twice as many views)")
     a("--pretext-lr", type=rate, default=0.4, help="representation SGD learning rate at the start ...")
     a("--pretext-lr-min", type=rate, default=0.0004, help="... decayed (cosine) to this over all iterations")
-    a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1)")
+    a("--temperature", type=at_least(1e-3, float), default=0.1,
+      help="tau of Eq. (1) (default: 0.1; --arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "

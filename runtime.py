@@ -145,10 +145,18 @@ def broadcast(x):
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, unless it is None or False or the help text already says what it is."""
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(script, description):
     """An ArgumentParser whose errors are one line and exit status 2 (no usage dump), with defaults in --help."""
     p = argparse.ArgumentParser(prog=script, description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsInHelp)
 
     def error(message):
         print(f"{script}: error: {message} (see --help)", file=sys.stderr)

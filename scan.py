@@ -81,7 +81,8 @@ def parse_args(argv=None):
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
     a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (images; twice as many views)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
-    a("--temperature", type=at_least(1e-3, float), default=0.1, help="NT-Xent temperature")
+    a("--temperature", type=at_least(1e-3, float), default=0.1,
+      help="NT-Xent temperature (default: 0.1; --arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs (after the warm-up)")
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch (anchors; as many neighbours)")

@@ -134,6 +134,17 @@ def test_at_least_and_the_one_line_parser_error(capsys):
         assert exit_info.value.code == 2 and err.startswith("scan.py: error: argument") and err.count("\n") == 1
 
 
+def test_help_shows_defaults_once_and_never_none():
+    p = runtime.parser("x", "test")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-dir", default=None, help="output folder (default: runs/x)")
+    p.add_argument("--subset", type=int, default=None, help="a subset")
+    p.add_argument("--quick", action="store_true", help="small run")
+    text = " ".join(p.format_help().split())
+    assert "random seed (default: 0)" in text and "output folder (default: runs/x) --subset" in text
+    assert "None" not in text and "False" not in text
+
+
 def test_presets_never_override_an_explicit_flag():
     p = runtime.parser("x", "test")
     p.add_argument("--epochs", type=int, default=500)
