@@ -452,43 +452,55 @@ def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbo
 
 
 @torch.no_grad()
-def head_losses(model, train, neighbor_idx, entropy_weight):
-    """Label-free model selection: Eq. (2) of every head on the un-augmented train set, over all K neighbours. [H]"""
-    log_p = F.log_softmax(predict(model, train.images, train.mean, train.std), 2)  # [H, N, C]
+def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
+    """Label-free model selection: Eq. (2) of every head on the un-augmented train set, over all K neighbours. [H]
+    logits [H, N, C]: the heads' output if already known (default: the model's on train.images)."""
+    logits = predict(model, train.images, train.mean, train.std) if logits is None else logits
+    log_p = F.log_softmax(logits, 2)                                           # [H, N, C]
     consistency = -torch.stack([torch.logsumexp(log_p + log_p[:, neighbor_idx[:, k]], 2).mean(1)
                                 for k in range(neighbor_idx.shape[1])]).mean(0)
     mean_p = log_p.exp().mean(1)                                               # [H, C]
     return consistency + entropy_weight * (mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
 
 
-def warm_up_heads(args, model, train, neighbor_idx, train_z):
-    """CHOICE (not in the paper): before the SCAN stage proper, the heads alone, on the fixed backbone features of
-    the un-augmented images: fitted by cross-entropy to k-means' partition of those features (the "pretext +
-    k-means" baseline), then --warmup-steps steps of the clustering loss from there (Adam 1e-3). The paper's 50
-    epochs give random heads thousands of steps while the backbone adapts; in a short run random heads end below
-    k-means on the same features, while Eq. (2) started from k-means' partition improves on it (RESULTS.md).
-    Cheap: the backbone runs once."""
+def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
+    """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
+    un-augmented images. max(H, candidates) heads are fitted by cross-entropy to as many k-means partitions of those
+    features (other seeds), trained --warmup-steps steps with the clustering loss (Adam 1e-3), and the H with the
+    lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random heads end
+    below k-means, and Eq. (2) from one partition sometimes settles in a worse optimum (RESULTS.md). Cheap: the
+    backbone runs once."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
-    labels = runtime.broadcast(kmeans(F.normalize(feats, dim=1), model.heads[0].out_features, seed=args.seed)[0])
-    generator, (N, K), B = torch.Generator().manual_seed(args.seed), neighbor_idx.shape, args.scan_batch_size
+    (N, K), B, C = neighbor_idx.shape, args.scan_batch_size, model.heads[0].out_features
+    heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(candidates - len(model.heads)))
+                           ]).to(feats.device)                                # model.heads first, then new ones
+    forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
+    labels = torch.stack([runtime.broadcast(kmeans(F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0])
+                          for r in range(len(heads))])                         # [R, N]: R partitions
+    generator = torch.Generator().manual_seed(args.seed)
     rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
-    opt = torch.optim.Adam(model.heads.parameters(), lr=1e-2)
-    for step in range(300):                                                    # heads := k-means' partition
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    for step in range(300):                                                    # head r := partition r
         idx = rand(N, 2 * B)
-        loss = F.cross_entropy(model.heads_forward(feats[idx]).flatten(0, 1), labels[idx].repeat(len(model.heads)))
+        loss = F.cross_entropy(forward(feats[idx]).flatten(0, 1), labels[:, idx].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    opt = torch.optim.Adam(model.heads.parameters(), lr=1e-3, weight_decay=args.weight_decay)
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-3, weight_decay=args.weight_decay)
     for step in range(args.warmup_steps):                                      # then the clustering loss
         anchor = rand(N, B)
         neighbor = neighbor_idx[anchor, rand(K, B)]
-        logits = model.heads_forward(feats[torch.cat([anchor, neighbor])])    # [H, 2B, C]
+        logits = forward(feats[torch.cat([anchor, neighbor])])                 # [R, 2B, C]
         z = (train_z[anchor], train_z[neighbor]) if train_z is not None else ()
         loss = clustering_loss(args, logits[:, :B], logits[:, B:], *z).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    with torch.no_grad():
+        eval_loss = head_losses(None, None, neighbor_idx, args.entropy_weight, logits=forward(feats))   # [R]
+    keep = [{k: v.clone() for k, v in heads[r].state_dict().items()} for r in eval_loss.argsort()[:len(model.heads)]]
+    for head, state in zip(model.heads, keep):                                 # the H lowest (copies: model.heads
+        head.load_state_dict(state)                                            # are among the candidates)
 
 
 def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
@@ -603,7 +615,7 @@ def predict_files(args):
     results = os.path.join(args.out_dir, "results.json")
     finished = json.load(open(results)) if os.path.exists(results) else {}
     if finished.get("script") != SCRIPT or "final" not in finished:
-        raise UsageError(f"{args.out_dir} holds no finished scan.py run (no complete results.json); finish the run "
+        raise UsageError(f"{args.out_dir} holds no finished {SCRIPT} run (no complete results.json); finish the run "
                          f"first, or point --out-dir at the folder of one.")
     saved, final = finished["args"], finished["final"]
     ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, final["stage"] + ".pt"), SCRIPT, final["stage"], {})
