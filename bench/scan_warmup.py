@@ -1,13 +1,15 @@
 """Does SCAN's clustering loss do better on fixed features from random heads or from k-means' partition?
 
 scan.py's SCAN stage starts with a warm-up of the heads alone on the fixed backbone features of the un-augmented
-train images (scan.warm_up_heads): the heads are first fitted by cross-entropy (Adam 1e-2, 300 steps, batch 256) to
-k-means' partition of the L2-normalised features (scan.kmeans, the run's seed), then trained with Eq. (2). This
+train images (scan.warm_up_heads): 5 candidate heads are fitted by cross-entropy (Adam 1e-2, 300 steps, batch 256)
+to 5 k-means partitions of the L2-normalised features (scan.kmeans, seeds 1000 * seed + r), trained with Eq. (2),
+and the lowest-Eq. (2) one kept. This
 script reads a finished scan.py run (its pretext.pt and mine.pt, and the settings in their "config"), rebuilds the
 backbone and the train split as scan.py did, and trains one linear head with Eq. (2) (scan.scan_loss, entropy weight
 5, Adam 1e-3 with the run's weight decay, 128 anchors per step, one random mined neighbour each) on those features:
   (a) from random heads (as scan.py initialises them), or
-  (b) from the heads scan.warm_up_heads fits to k-means' partition (its own code, with --warmup-steps 0).
+  (b) from the head scan.warm_up_heads fits (its own code with --warmup-steps 0: the candidates' fits, the one
+      with the lowest Eq. (2) kept; the k-means column is k-means with the run's seed alone).
 Both start from the same initial head and draw the same anchors and neighbours. Reported: test ACC
 (metrics.cluster_acc of the head's argmax; k-means: the nearest centroid of the L2-normalised test features) of
 k-means itself, of (b) right after the fit, and of (a) and (b) after each of --report-at steps, for each seed
