@@ -66,6 +66,7 @@ import metrics  # noqa: E402
 import profeat  # noqa: E402
 import runtime  # noqa: E402
 import scan  # noqa: E402
+import synthetic  # noqa: E402
 from knn import knn  # noqa: E402
 
 TAG = "@@gpu_check "          # a child process's result lines start with this
@@ -370,7 +371,7 @@ def load_images(cfg, data_root):
                            mean=d.mean * 3, std=d.std * 3) for d, n in zip(sets, (cfg.n_train, cfg.n_test))]
     except data.DataError as e:
         note = f"synthetic {cfg.size}x{cfg.size}x3 images ({str(e)[:80]})"
-        sets = [data.make_synthetic(s, num_images=n, image_size=cfg.size, channels=3)
+        sets = [synthetic.make_synthetic(s, num_images=n, image_size=cfg.size, channels=3)
                 for s, n in (("train", cfg.n_train), ("test", cfg.n_test))]
     return [d._replace(images=d.images.to(cfg.device), labels=d.labels.to(cfg.device)) for d in sets], note
 

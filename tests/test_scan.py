@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
 import metrics
 import runtime
 import scan
+import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
@@ -391,7 +391,7 @@ def test_predict_applies_a_finished_run_to_new_images(finished, tmp_path):
     shutil.copytree(finished[0], out)
     folder = tmp_path / "new" / "nested"
     folder.mkdir(parents=True)
-    images = data.make_synthetic("test", num_images=12, image_size=16).images
+    images = synthetic.make_synthetic("test", num_images=12, image_size=16).images
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
     res = run("--predict", str(tmp_path / "new"), "--out-dir", out, "--threads", "1")
