@@ -233,6 +233,23 @@ def test_keep_if_best_keeps_the_lowest_loss():
     assert scan.keep_if_best(model, torch.tensor([-2.5, -1.0]), best, 4)["epoch"] == 4
 
 
+def test_kmeans_ends_at_a_lloyd_fixed_point_as_good_as_scikit_learn():
+    from sklearn.cluster import KMeans
+    torch.manual_seed(0)
+    centers = torch.randn(8, 16) * 2
+    x = F.normalize(centers[torch.randint(8, (3000,))] + torch.randn(3000, 16), dim=1)   # overlapping blobs
+    labels, centroids = scan.kmeans(x, 8, iters=300, seed=3)
+    dist = torch.cdist(x.double(), centroids.double()).pow(2)                 # brute force, in double
+    assert torch.equal(labels, dist.argmin(1))                                 # each point at its nearest centroid
+    for c in range(8):                                                         # each centroid the mean of its points
+        assert torch.allclose(centroids[c], x[labels == c].mean(0), atol=1e-5)
+    inertia = dist.min(1).values.sum().item()
+    reference = KMeans(8, n_init=5, random_state=0).fit(x.numpy()).inertia_
+    assert inertia <= reference * 1.01
+    few_iters = torch.cdist(x, scan.kmeans(x, 8, iters=1, n_init=1, seed=3)[1]).pow(2).min(1).values.sum().item()
+    assert few_iters > inertia                                                 # iters bounds the Lloyd steps
+
+
 def test_explicit_flags_win_over_quick_and_dataset_presets():
     args = scan.parse_args(["--dataset", "cifar20", "--quick", "--scan-epochs", "7"])
     assert args.scan_epochs == 7 and args.scan_batch_size == 512 and args.arch == "smallcnn"
