@@ -640,24 +640,18 @@ def train_network(args, model, train, test):
 def predict_files(args):
     """--predict PATH: the final network of the finished run in --out-dir applied to an image or a folder of images;
     each image goes to the nearest final k-means centroid of the top layer's input (L2-normalised)."""
-    results = os.path.join(args.out_dir, "results.json")
-    finished = json.load(open(results)) if os.path.exists(results) else {}
-    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, {}) if finished else None
-    if finished.get("script") != SCRIPT or "final" not in finished or ckpt is None or "centroids" not in ckpt:
-        raise UsageError(f"{args.out_dir} holds no finished deepcluster.py run (no complete results.json and "
-                         f"{CHECKPOINT}); finish the run first, or point --out-dir at the folder of one.")
-    saved, final = finished["args"], finished["final"]
+    saved, final = runtime.finished_run(args.out_dir, SCRIPT)
+    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, {})
+    if ckpt is None or "centroids" not in ckpt:
+        raise UsageError(f"{args.out_dir} holds no finished {CHECKPOINT} with its k-means centroids; finish the run "
+                         f"first, or point --out-dir at the folder of one.")
     model = DeepClusterNet(saved["arch"], final["channels"], not saved["no_sobel"])
     model.load_state_dict(ckpt["model"])
     images, files = data.load_image_files(args.predict, final["size"], final["channels"])
     x = F.normalize(F.relu(extract_features(model.to(args.device), images.to(args.device), final["mean"],
                                             final["std"])), dim=1)
     probs = F.softmax(-torch.cdist(x, ckpt["centroids"].to(args.device)).pow(2) / TEMPERATURE, dim=1)
-    name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0] or "images"
-    if runtime.STATE["rank"] == 0:
-        runtime.write_outputs(args.out_dir, probs, images, {"file": files}, f"predict-{name}.csv",
-                              f"predict-{name}.png")
-    say(f"{len(files)} images clustered into {args.out_dir}/predict-{name}.csv and predict-{name}.png")
+    runtime.write_predictions(args, probs, images, files)
 
 
 def run(argv=None):

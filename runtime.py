@@ -423,6 +423,25 @@ def predict(model, images, mean, std, batch_size=1000):
     return gather(out).movedim(0, -2)
 
 
+def finished_run(out_dir, script):
+    """--predict: (args, final) of the finished run of script in out_dir, read from its results.json."""
+    path = os.path.join(out_dir, "results.json")
+    finished = json.load(open(path)) if os.path.exists(path) else {}
+    if finished.get("script") != script or "final" not in finished:
+        raise UsageError(f"{out_dir} holds no finished {script} run (no complete results.json); finish the run "
+                         f"first, or point --out-dir at the folder of one.")
+    return finished["args"], finished["final"]
+
+
+def write_predictions(args, probs, images, files):
+    """--predict's outputs in --out-dir: predict-NAME.csv (file, cluster, confidence) and predict-NAME.png, NAME
+    that of the image or folder clustered. probs [N, K]."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0] or "images"
+    if STATE["rank"] == 0:
+        write_outputs(args.out_dir, probs, images, {"file": files}, f"predict-{name}.csv", f"predict-{name}.png")
+    say(f"{len(files)} images clustered into {args.out_dir}/predict-{name}.csv and predict-{name}.png")
+
+
 def write_outputs(out_dir, probs, images, columns, csv_name, png_name, per_row=8):
     """csv_name: the given columns (name -> one value per image), then cluster and confidence; png_name: the
     per_row most confident images of each cluster, one row per cluster. probs [N, K], images uint8 [N, C, H, W]."""

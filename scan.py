@@ -86,7 +86,7 @@ def parse_args(argv=None):
       help="NT-Xent temperature (default: 0.1; --arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs (after the warm-up)")
-    a("--scan-batch-size", type=pos, default=128, help="SCAN batch (anchors; as many neighbours)")
+    a("--scan-batch-size", type=pos, default=128, help="SCAN batch: anchors, as many neighbours (--arch smallcnn: 48)")
     a("--scan-lr", type=rate, default=1e-4, help="SCAN Adam learning rate")
     a("--warmup-steps", type=at_least(0), default=2000, help="SCAN: steps training the heads alone first (Adam 1e-3)")
     a("--entropy-weight", type=rate, default=5.0, help="weight of the entropy term of Eq. (2)")
@@ -256,24 +256,24 @@ def structured_loss(anchor_logits, neighbor_logits, anchor_z, neighbor_z, tau_c=
 def confidence_ce(weak_logits, strong_logits, threshold=0.99):
     """SCAN's self-labelling loss: cross-entropy on the strong view of the samples whose weak-view max probability
     exceeds threshold, pseudo-label = argmax, weighted by the inverse frequency of each pseudo-label among them
-    (every present class weighs the same). Logits [B, K]. Returns (loss, n_confident); loss None when n = 0."""
+    (every present class weighs the same). Logits [B, K]. Returns (loss, confident samples per pseudo-label [K]);
+    loss None when there are none."""
     prob, target = F.softmax(weak_logits.detach(), 1).max(1)                   # [B], [B]
     mask = prob > threshold
-    n = int(mask.sum())                                                        # a host sync: a batch may be skipped
+    counts = torch.bincount(target[mask], minlength=weak_logits.shape[1])      # [K]
+    n = int(counts.sum())                                                      # a host sync: a batch may be skipped
     if n == 0:
-        return None, 0
-    counts = torch.bincount(target[mask], minlength=weak_logits.shape[1]).float()  # [K]
-    weight = torch.where(counts > 0, n / counts.clamp(min=1), torch.zeros_like(counts))
-    return F.cross_entropy(strong_logits[mask], target[mask], weight=weight.to(strong_logits.dtype)), n
+        return None, counts
+    weight = torch.where(counts > 0, n / counts.clamp(min=1), 0).to(strong_logits.dtype)
+    return F.cross_entropy(strong_logits[mask], target[mask], weight=weight), counts
 
 
 # ---- 5. Evaluation ---------------------------------------------------------------------------------------------
 def kmeans(x, k, iters=50, n_init=5, seed=0):
     """Lloyd's k-means with k-means++ seeding, best of n_init by inertia, each run until no label changes (at most
     iters). x [N, D] -> (labels [N], centroids [k, D]). Distances from one matmul: on a CPU far faster than cdist."""
-    g, x_sq = torch.Generator().manual_seed(seed), x.pow(2).sum(1, keepdim=True)  # [N, 1]
+    g, x_sq, best = torch.Generator().manual_seed(seed), x.pow(2).sum(1, keepdim=True), None   # x_sq [N, 1]
     sq_dist = lambda c: (x_sq - 2 * x @ c.T + c.pow(2).sum(1)).clamp(min=0)   # squared distances [N, len(c)]
-    best = None
     for _ in range(n_init):
         centroids = x[torch.randint(len(x), (1,), generator=g)]
         d2 = sq_dist(centroids)[:, 0]                                          # [N] to the nearest centroid so far
@@ -586,11 +586,11 @@ def train_selflabel(args, stage, model, head, train, test):
     B = args.selflabel_batch_size
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
     for epoch in range(start, E):
-        generator, t0, losses, confident = runtime.reseed(args.seed, stage, epoch), time.time(), [], 0
+        generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
+        per_cluster = torch.zeros(args.num_clusters, dtype=torch.long)         # confident images per pseudo-label
         for step, idx in enumerate(batches(len(train.images), B, generator, args.device)):
-            # CHOICE: the pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not
-            # with the batch's statistics as SCAN's code does: measured slightly better (RESULTS.md), and a batch
-            # without a confident image then changes nothing at all.
+            # CHOICE: pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not with the
+            # batch's statistics as SCAN's code: measured slightly better (RESULTS.md); a skipped batch changes nothing.
             model.eval()
             with torch.no_grad():
                 weak = gather(forward(plain(train.images[idx], train.mean, train.std))[0])    # [B, C]
@@ -598,20 +598,25 @@ def train_selflabel(args, stage, model, head, train, test):
                 continue                                                       # skipped: not even a forward pass
             model.train()
             strong = gather(forward(strong_augment(train.images[idx], train.mean, train.std))[0], grad=True)
-            loss, n = confidence_ce(weak, strong, args.confidence_threshold)
+            loss, counts = confidence_ce(weak, strong, args.confidence_threshold)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-            confident += n
+            per_cluster += counts.cpu()
             progress.step(epoch, step, loss, 2 * B)
-        row = {"stage": stage, "epoch": epoch + 1, "confident": confident, "seconds": time.time() - t0,
-               "loss": torch.stack(losses).mean().item() if losses else None}
+        confident = per_cluster.tolist()
+        row = {"stage": stage, "epoch": epoch + 1, "confident": sum(confident), "confident_per_cluster": confident,
+               "seconds": time.time() - t0, "loss": torch.stack(losses).mean().item() if losses else None}
         if (test.labels >= 0).any():                                           # reported only
             row["test_acc"] = metrics.cluster_acc(predict(model, test.images, test.mean, test.std)[0].argmax(1),
                                                   test.labels)
-        say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} confident {confident} of "
+        say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} confident {row['confident']} of "
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
+        sparse = [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]
+        if sparse:  # the class balancing gives their few images a whole cluster's weight (RESULTS.md)
+            say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
+                "self-labelling may lose accuracy; more SCAN epochs first would help.")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
     return model
 
@@ -619,22 +624,14 @@ def train_selflabel(args, stage, model, head, train, test):
 # ---- 7. Outputs, --predict and main ------------------------------------------------------------------------------
 def predict_files(args):
     """--predict PATH: the final model of the finished run in --out-dir applied to an image or a folder of images."""
-    results = os.path.join(args.out_dir, "results.json")
-    finished = json.load(open(results)) if os.path.exists(results) else {}
-    if finished.get("script") != SCRIPT or "final" not in finished:
-        raise UsageError(f"{args.out_dir} holds no finished {SCRIPT} run (no complete results.json); finish the run "
-                         f"first, or point --out-dir at the folder of one.")
-    saved, final = finished["args"], finished["final"]
+    saved, final = runtime.finished_run(args.out_dir, SCRIPT)
     ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, final["stage"] + ".pt"), SCRIPT, final["stage"], {})
     backbone = make_backbone(saved["arch"], final["channels"], saved["width"], saved["dataset"].startswith("stl10"))
     model = ClusteringModel(backbone, saved["num_clusters"], len(ckpt["model"]) and final["heads"])
     model.load_state_dict(ckpt["model"])
     images, files = data.load_image_files(args.predict, final["size"], final["channels"])
     probs = predict(model.to(args.device), images.to(args.device), final["mean"], final["std"])[final["head"]]
-    name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0] or "images"
-    runtime.write_outputs(args.out_dir, probs.softmax(1), images, {"file": files}, f"predict-{name}.csv",
-                          f"predict-{name}.png")
-    say(f"{len(files)} images clustered into {args.out_dir}/predict-{name}.csv and predict-{name}.png")
+    runtime.write_predictions(args, probs.softmax(1), images, files)
 
 
 def run(argv=None):

@@ -318,7 +318,7 @@ def part1(report, cfg, budget):
             [la, ln, za, zn], grad=(0, 1), rel=True, note="all four terms")
     weak, strong = 8 * torch.randn(1000, 10, generator=g), torch.randn(1000, 10, generator=g)
     compare(report, dev, "scan.confidence_ce (B 1000)", lambda w, s: scan.confidence_ce(w, s, 0.99), [weak, strong],
-            grad=(1,), rel=True, note=f"{int((weak.softmax(1).max(1).values > 0.99).sum())} confident; loss and count")
+            grad=(1,), rel=True, note=f"{int((weak.softmax(1).max(1).values > 0.99).sum())} confident; loss and counts")
     probs = F.one_hot(torch.randint(0, 10, (256,), generator=g), 10).float() * 0.995 + 0.0005
     keep, group = profeat.confident_groups(probs, 0.99)
     positives = profeat.view_positives(group[keep][:, keep])

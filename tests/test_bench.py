@@ -111,6 +111,13 @@ def test_kmeans():
     assert "| deepcluster.kmeans (torch) |" in out
 
 
+def test_scan_kmeans():
+    out = run([sys.executable, "bench/scan_kmeans.py", "--n", "3000", "--dim", "32", "--seeds", "1", "--skip-faiss"])
+    assert "| method | time (s, median of 1) | time / scikit-learn | inertia (mean) | vs scikit-learn |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| scan.kmeans"))
+    assert float(row.split("|")[5].strip().rstrip("%")) < 1.0                 # inertia within 1% of scikit-learn's
+
+
 def test_pic():
     out = run([sys.executable, "bench/pic.py", "--sizes", "2000", "--check-up-to", "2000", "--threads", "1"])
     assert "| nodes | graph W (s) | power iteration (s) | iterations |" in out

@@ -162,11 +162,13 @@ def test_confidence_ce_matches_loop_and_balances():
     v, g = grads(lambda s: scan.confidence_ce(weak.double(), s, 0.99)[0], strong)
     v_ref, g_ref = grads(lambda s: naive_confidence_ce(weak.double(), s, 0.99), strong)
     assert torch.allclose(v, v_ref, atol=1e-10) and torch.allclose(g[0], g_ref[0], atol=1e-10)
-    n = scan.confidence_ce(weak, strong, 0.99)[1]
-    assert n == int((weak.softmax(1).max(1).values > 0.99).sum()) >= 15
-    unconfident = weak.softmax(1).max(1).values <= 0.99
+    counts = scan.confidence_ce(weak, strong, 0.99)[1]                        # confident samples per pseudo-label
+    prob, label = weak.softmax(1).max(1)
+    assert counts.tolist() == [int(((prob > 0.99) & (label == c)).sum()) for c in range(4)] and counts.sum() >= 15
+    unconfident = prob <= 0.99
     assert unconfident.sum() > 10 and g[0][unconfident].abs().sum() == 0       # unconfident samples: no gradient
-    assert scan.confidence_ce(torch.zeros(8, 5), torch.randn(8, 5), 0.99) == (None, 0)
+    loss, counts = scan.confidence_ce(torch.zeros(8, 5), torch.randn(8, 5), 0.99)
+    assert loss is None and counts.tolist() == [0] * 5
 
 
 # ---------------------------------------------------------------- stage pieces, in process
@@ -225,6 +227,27 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     assert torch.equal(losses, losses.sort().values) and losses[0] <= fits[200][0].min() + 1e-6
 
 
+def test_selflabel_counts_confident_images_per_cluster_and_warns_when_one_has_few(tiny, tmp_path, capsys):
+    args, train, test = tiny
+    args = type(args)(**vars(args))
+    args.out_dir, args.selflabel_epochs, args.selflabel_batch_size = str(tmp_path), 1, 100
+    torch.manual_seed(0)
+    model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 1)
+    with torch.no_grad():                                                      # sure of cluster 0 for every image,
+        model.heads[0].weight.zero_()                                          # cluster 2 second
+        model.heads[0].bias.copy_(torch.tensor([50.0, -50, 45] + [-50] * 7))
+    scan.train_selflabel(args, "selflabel", model, 0, train, test)
+    row = [r for r in log(str(tmp_path)) if r["stage"] == "selflabel"][-1]
+    assert row["confident_per_cluster"] == [300] + [0] * 9 and row["confident"] == 300   # 3 batches of 100
+    assert "WARNING: few confident images in clusters [1, 2, 3, 4, 5, 6, 7, 8, 9]" in capsys.readouterr().out
+    args.out_dir = str(tmp_path / "balanced")
+    os.makedirs(args.out_dir)
+    with torch.no_grad():                                                      # no cluster confident: no warning
+        model.heads[0].bias.zero_()
+    scan.train_selflabel(args, "selflabel", model, 0, train, test)
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_keep_if_best_keeps_the_lowest_loss():
     model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
     best = scan.keep_if_best(model, torch.tensor([-1.0, -2.0]), None, 1)
@@ -252,7 +275,9 @@ def test_kmeans_ends_at_a_lloyd_fixed_point_as_good_as_scikit_learn():
 
 def test_explicit_flags_win_over_quick_and_dataset_presets():
     args = scan.parse_args(["--dataset", "cifar20", "--quick", "--scan-epochs", "7"])
-    assert args.scan_epochs == 7 and args.scan_batch_size == 512 and args.arch == "smallcnn"
+    assert args.scan_epochs == 7 and args.scan_batch_size == 48 and args.arch == "smallcnn"   # the small CNN's batch
+    assert scan.parse_args(["--dataset", "cifar20"]).scan_batch_size == 512                       # the paper's
+    assert scan.parse_args(["--dataset", "cifar20", "--quick", "--scan-batch-size", "64"]).scan_batch_size == 64
     args = scan.parse_args(["--dataset", "stl10"])
     assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 
