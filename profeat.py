@@ -585,7 +585,7 @@ def train_selflabel(args, stage, model, head, train, test):
         say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} confident {row['confident']} of "
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
         sparse = [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]
-        if sparse:  # the class balancing gives their few images a whole cluster's weight (RESULTS.md)
+        if sparse:  # little holds such a cluster: its images drift to confident look-alikes (RESULTS.md)
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
                 "self-labelling may lose accuracy; more SCAN epochs first would help.")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
