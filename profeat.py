@@ -290,9 +290,9 @@ def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbo
 # ---- 5. Evaluation ---------------------------------------------------------------------------------------------
 def kmeans(x, k, iters=50, n_init=5, seed=0):
     """Lloyd's k-means with k-means++ seeding, best of n_init by inertia, each run until no label changes (at most
-    iters). x [N, D] -> (labels [N], centroids [k, D]). Distances from one matmul: on a CPU far faster than cdist."""
+    iters). x [N, D] -> (labels [N], centroids [k, D]). Distances and centroid sums are one matmul each (fast)."""
     g, x_sq, best = torch.Generator().manual_seed(seed), x.pow(2).sum(1, keepdim=True), None   # x_sq [N, 1]
-    sq_dist = lambda c: (x_sq - 2 * x @ c.T + c.pow(2).sum(1)).clamp(min=0)   # squared distances [N, len(c)]
+    sq_dist = lambda c: (x_sq + torch.addmm(c.pow(2).sum(1), x, c.T, alpha=-2)).clamp(min=0)   # [N, len(c)]
     for _ in range(n_init):
         centroids = x[torch.randint(len(x), (1,), generator=g)]
         d2 = sq_dist(centroids)[:, 0]                                          # [N] to the nearest centroid so far
@@ -304,9 +304,9 @@ def kmeans(x, k, iters=50, n_init=5, seed=0):
             labels, previous = sq_dist(centroids).argmin(1), labels
             if previous is not None and torch.equal(labels, previous):
                 break                                                          # converged: centroids unchanged
-            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-            counts = torch.bincount(labels, minlength=k).float().unsqueeze(1)
-            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)   # an empty cluster stays
+            one_hot = F.one_hot(labels, k).to(x.dtype)                          # [N, k]: sums by one matmul
+            counts = one_hot.sum(0).unsqueeze(1)                               # [k, 1]
+            centroids = torch.where(counts > 0, one_hot.T @ x / counts.clamp(min=1), centroids)  # an empty one stays
         d2, labels = sq_dist(centroids).min(1)
         if best is None or d2.sum().item() < best[0]:
             best = (d2.sum().item(), labels, centroids)
