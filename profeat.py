@@ -558,7 +558,7 @@ def train_selflabel(args, stage, model, head, train, test):
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
-        per_cluster = torch.zeros(args.num_clusters, dtype=torch.long)         # confident images per pseudo-label
+        per_cluster = torch.zeros(args.num_clusters, dtype=torch.long, device=args.device)   # confident per label
         for step, idx in enumerate(batches(len(train.images), B, generator, args.device)):
             # CHOICE: pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not with the
             # batch's statistics as SCAN's code: measured slightly better (RESULTS.md); a skipped batch changes nothing.
@@ -574,7 +574,7 @@ def train_selflabel(args, stage, model, head, train, test):
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-            per_cluster += counts.cpu()
+            per_cluster += counts                                              # stays on the device
             progress.step(epoch, step, loss, 2 * B)
         confident = per_cluster.tolist()
         row = {"stage": stage, "epoch": epoch + 1, "confident": sum(confident), "confident_per_cluster": confident,
