@@ -529,8 +529,7 @@ def load(args, model=None, opt=None):
 
 def save(args, row, **state):
     """End of an epoch (the losses were checked): log the row, save the checkpoint (rank 0 writes)."""
-    if runtime.STATE["rank"] == 0:
-        runtime.log_row(args.out_dir, row)
+    runtime.log_row(args.out_dir, row)
     runtime.save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args), row=row,
                             epoch=row["epoch"], complete=row["epoch"] == args.epochs, **state)
 

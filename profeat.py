@@ -368,8 +368,7 @@ def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
     runtime.check_losses(torch.stack(losses), stage, row["epoch"])
     runtime.check_weights(model.state_dict(), stage, row["epoch"])
     row.update(monitor() if monitor is not None else {})
-    if runtime.STATE["rank"] == 0:
-        runtime.log_row(args.out_dir, row)
+    runtime.log_row(args.out_dir, row)
     runtime.save_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
                             model=model.state_dict(), optimizer=opt.state_dict(), epoch=row["epoch"], row=row,
                             complete=row["epoch"] == epochs, **extra)
@@ -495,6 +494,7 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     ckpt = load(args, stage, model, opt)
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
+        say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
         warm_up_heads(args, model, train, neighbor_idx, train_z)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None
@@ -681,8 +681,7 @@ def run(argv=None):
             if (test.labels >= 0).any():
                 row["member_acc"] = [metrics.cluster_acc(p.argmax(1).cpu(), test.labels.cpu()) for p in test_probs]
         rows.append(row)
-        if runtime.STATE["rank"] == 0:
-            runtime.log_row(args.out_dir, row)
+        runtime.log_row(args.out_dir, row)
     final = {"stage": stage_name(args.iterations, kept, "selflabel" if args.selflabel_epochs else "scan"),
              "head": previous[kept][1], "heads": len(previous[kept][0].heads), "channels": train.images.shape[1],
              "size": train.images.shape[-1], "mean": train.mean, "std": train.std}

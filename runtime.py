@@ -290,7 +290,9 @@ def atomic_write(path, obj):
 
 def log_row(out_dir, row):
     """Append row to out_dir/log.jsonl, replacing an earlier row of the same (stage, epoch): a resumed epoch
-    overwrites the line its interrupted first attempt left."""
+    overwrites the line its interrupted first attempt left. Every rank may call it; rank 0 writes."""
+    if STATE["rank"] != 0:
+        return
     path, key = os.path.join(out_dir, "log.jsonl"), (row.get("stage"), row.get("epoch"))
     lines = open(path).read().splitlines() if os.path.exists(path) else []
     kept = [line for line in lines if line.strip() and tuple(map(json.loads(line).get, ("stage", "epoch"))) != key]

@@ -349,8 +349,7 @@ def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
     runtime.check_losses(torch.stack(losses), stage, row["epoch"])
     runtime.check_weights(model.state_dict(), stage, row["epoch"])
     row.update(monitor() if monitor is not None else {})
-    if runtime.STATE["rank"] == 0:
-        runtime.log_row(args.out_dir, row)
+    runtime.log_row(args.out_dir, row)
     runtime.save_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
                             model=model.state_dict(), optimizer=opt.state_dict(), epoch=row["epoch"], row=row,
                             complete=row["epoch"] == epochs, **extra)
@@ -415,8 +414,7 @@ def mine(args, model, train, test):
         probs = F.one_hot(torch.cdist(test_z, centroids).argmin(1), args.num_clusters).float()
         rows.append({"stage": "pretext+kmeans", "features": name, **info,
                      **evaluate(probs, test.labels, test.classes, f"pretext + k-means ({name})")})
-    if runtime.STATE["rank"] == 0:
-        runtime.log_row(args.out_dir, {"stage": "mine", **info})
+    runtime.log_row(args.out_dir, {"stage": "mine", **info})
     runtime.save_checkpoint(os.path.join(args.out_dir, "mine.pt"), SCRIPT, "mine", stage_config(args, "mine"),
                             neighbor_idx=neighbor_idx.cpu(), rows=rows, complete=True)
     return neighbor_idx, rows, feats[args.mine_features][0]
@@ -524,6 +522,7 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     ckpt = load(args, stage, model, opt)
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
+        say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
         warm_up_heads(args, model, train, neighbor_idx, train_z)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None

@@ -82,6 +82,16 @@ def test_log_row_keeps_each_stage_and_epoch_once(tmp_path):
                     {"stage": "mine", "x": 1}]
 
 
+def test_log_row_and_checkpoints_are_written_by_rank_0_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(runtime.STATE, "rank", 1)                   # another process of a torchrun job
+    runtime.log_row(str(tmp_path), {"stage": "pretext", "epoch": 1})
+    runtime.save_checkpoint(str(tmp_path / "scan.pt"), "scan.py", "scan", {}, model={"w": torch.ones(2)}, epoch=1)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setitem(runtime.STATE, "rank", 0)
+    runtime.log_row(str(tmp_path), {"stage": "pretext", "epoch": 1})
+    assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
 def test_checkpoints_are_stamped_and_refused_elsewhere(tmp_path):
     path, config = str(tmp_path / "scan.pt"), {"lr": 0.1, "epochs": 5}
     runtime.save_checkpoint(path, "scan.py", "scan", config, model={"w": torch.ones(2)}, epoch=3, complete=False)
