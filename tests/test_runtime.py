@@ -83,6 +83,7 @@ def test_log_row_keeps_each_stage_and_epoch_once(tmp_path):
 
 
 def test_log_row_and_checkpoints_are_written_by_rank_0_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(runtime.STATE, "saved", None)               # restored afterwards, as the rank
     monkeypatch.setitem(runtime.STATE, "rank", 1)                   # another process of a torchrun job
     runtime.log_row(str(tmp_path), {"stage": "pretext", "epoch": 1})
     runtime.save_checkpoint(str(tmp_path / "scan.pt"), "scan.py", "scan", {}, model={"w": torch.ones(2)}, epoch=1)
