@@ -111,6 +111,25 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
     return ((-2 * scores).clamp_min(0) if metric == "l2" else scores), indices
 
 
+def whitening(x, eps=None):
+    """PCA whitening fitted on the rows of x [N, d]: returns f with f(z) = normalize((z - mean) @ V (Lambda + eps *
+    lambda_max)^(-1/2)), where V, Lambda are the eigenvectors and eigenvalues of x's covariance. Cosine neighbours
+    of whitened features weigh every direction of variation alike instead of letting the few largest (brightness,
+    size, pose) decide; a known help in image retrieval (H. Jegou, O. Chum, "Negative evidences and co-occurences in
+    image retrieval: the benefit of PCA and whitening", ECCV 2012, https://hal.inria.fr/hal-00722622). eps, relative
+    to the largest eigenvalue, keeps the directions of little variance from being blown up; by default d / N: the
+    fewer rows per dimension, the less a small eigenvalue can be told from sampling noise (with d / N near 1 or more,
+    f is close to centring alone). The eigendecomposition runs on the CPU in float64 (small: [d, d]; no float64 on
+    every device)."""
+    eps = x.shape[1] / x.shape[0] if eps is None else eps
+    mean = x.float().mean(0)                                                   # [d]
+    centered = x.float() - mean
+    eigval, eigvec = torch.linalg.eigh((centered.T @ centered).cpu().double() / len(x))   # ascending [d], [d, d]
+    eigval = eigval.clamp(min=0)
+    scale = (eigvec / (eigval + eps * eigval.max()).sqrt()).float().to(x.device)          # [d, d]
+    return lambda z: torch.nn.functional.normalize((z.float() - mean) @ scale, dim=1)
+
+
 def _bounds(num_rows, world, step, triangle=False):
     """Boundaries of `world` contiguous ranges of rows 0..N on multiples of `step` (the single-process blocks):
     equal numbers of rows, or (triangle) equal parts of the upper triangle."""

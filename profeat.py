@@ -10,7 +10,7 @@ For t = 1..--iterations and each of the E ensemble members e (E = 1: ProFeat_s, 
                      and every pair of images of one confident cluster (ProFeat_s, threshold t_s, Sec. 2.2) or
                      connected by the ensemble's agreement count (ProFeat_e, Eq. (3), thresholds t_e, t_c, Sec. 2.4);
                      negatives = every other pair among the kept images.
-  2. clustering      mine M neighbours (the paper: in p(g_e(x)); here by default in g_e(x), --mine-features); train
+  2. clustering      mine M neighbours (the paper: in p(g_e(x)); here in g_e(x), whitened, as scan.py); train
                      h_e on an auxiliary copy g'_e of g_e with SCAN's loss, Eq. (2) (g_e itself is never updated
                      here); optionally self-label (t_f).
 
@@ -43,7 +43,7 @@ import data
 import metrics
 import runtime
 from augment import normalize, simclr_augment, strong_augment
-from knn import knn
+from knn import knn, whitening
 from runtime import UsageError, at_least, batches, gather, predict, say
 
 SCRIPT = "profeat.py"
@@ -93,8 +93,8 @@ def parse_args(argv=None):
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "
-      "(the paper: projection)")
+    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
+    a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs of each clustering step (after the warm-up)")
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch: anchors, as many neighbours (--arch smallcnn: 48)")
@@ -338,7 +338,7 @@ CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset"
                "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "mine_features", "num_heads",
                "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only",
                "carry_h", "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
-               "weight_decay", "seed"]
+               "weight_decay", "seed", "whiten"]
 OWN_FILES = r"it\d{3}_m\d+_(pretext|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv" \
             r"|prototypes\.png|predict-.+\.(csv|png))(\.tmp)?"
 
@@ -597,6 +597,7 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     with Eq. (2) (scan.py's SCAN stage); self-label if asked. g is untouched. previous: the last (model, head)."""
     net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
     train_z = F.normalize(predict(net, train.images, train.mean, train.std), dim=1)   # [N, d]
+    train_z = whitening(train_z)(train_z) if args.whiten else train_z           # CHOICE: see scan.py's mine()
     _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, M]
     info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())} if (train.labels >= 0).all() \
         else {}                                                                # (scan.py also compares with pixels)

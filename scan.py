@@ -8,7 +8,8 @@
 The paper's Algorithm 1, one stage per function below, each saved to --out-dir and skipped when complete:
 
   1. pretext    SimCLR: a backbone + MLP head learns to match two augmented views of an image (NT-Xent).
-  2. mine       the K = 20 nearest neighbours of every image in that embedding; the "pretext + k-means" baseline.
+  2. mine       the K = 20 nearest neighbours of every image in that embedding (here: the backbone's features,
+                PCA-whitened); the "pretext + k-means" baseline.
   3. scan       clustering heads trained with Eq. (2): an image and its neighbours should get the same cluster,
                 and all clusters should be used.
   4. selflabel  fine-tune on the confident predictions (max prob > 0.99), seen through strong augmentation.
@@ -38,7 +39,7 @@ import data
 import metrics
 import runtime
 from augment import normalize, simclr_augment, strong_augment
-from knn import knn
+from knn import knn, whitening
 from runtime import UsageError, at_least, batches, gather, predict, say
 
 SCRIPT = "scan.py"
@@ -77,8 +78,8 @@ def parse_args(argv=None):
     a("--num-clusters", type=at_least(2), default=None, help="clusters (default: the classes; more: overclustering)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--num-neighbors", type=pos, default=20, help="K neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="where neighbours are mined "
-      "(SCAN: projection)")
+    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
+    a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
     a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (images; twice as many views)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
@@ -314,7 +315,7 @@ def evaluate(probs, labels, classes, title):
 STAGE_KEYS = {
     "pretext": ["dataset", "pretext_split", "image_size", "arch", "width", "seed", "pretext_epochs",
                 "pretext_batch_size", "pretext_lr", "weight_decay", "temperature", "crop_min"],
-    "mine": ["train_split", "subset", "num_neighbors", "mine_features"],
+    "mine": ["train_split", "subset", "num_neighbors", "mine_features", "whiten"],
     "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps",
              "entropy_weight", "update_head_only", "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b"],
     "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold"],
@@ -399,17 +400,23 @@ def mine(args, model, train, test):
     own neighbours, and the "pretext + k-means" rows of SCAN's Table 1 on the projection and on the backbone features
     (both L2-normalised, fit on train, scored on test). CHOICE: SCAN mines in the projection space; --mine-features
     backbone (the default) mines in the backbone's, where the heads work and where the neighbours measured purer at
-    our budgets (RESULTS.md). Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
-    feats = {}
+    our budgets, and PCA-whitens them first (knn.whitening; --no-whiten: SCAN's plain cosine), which made the
+    neighbours purer on every data set measured (RESULTS.md). The k-means rows stay on the L2-normalised features.
+    Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
+    feats, mined = {}, args.mine_features + (", whitened" if args.whiten else "")
     for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
         feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
+    if args.whiten:  # CHOICE (not in SCAN): see the docstring
+        whiten = whitening(feats[args.mine_features][0])                      # fit on train
+        feats[mined] = [whiten(z) for z in feats[args.mine_features]]
     ckpt = load(args, "mine")
     if ckpt is not None:
-        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], feats[args.mine_features][0]
-    _, neighbor_idx = knn(feats[args.mine_features][0], k=args.num_neighbors, distributed=True)   # [N, K]
+        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], feats[mined][0]
+    _, neighbor_idx = knn(feats[mined][0], k=args.num_neighbors, distributed=True)   # [N, K]
     info = pixel_check(args, train, neighbor_idx) if args.pixel_check > 0 else {}
     rows = []
-    for name, (train_z, test_z) in feats.items():
+    for name in ("projection", "backbone"):
+        train_z, test_z = feats[name]
         _, centroids = kmeans(train_z, args.num_clusters, seed=args.seed)
         probs = F.one_hot(torch.cdist(test_z, centroids).argmin(1), args.num_clusters).float()
         rows.append({"stage": "pretext+kmeans", "features": name, **info,
@@ -417,7 +424,7 @@ def mine(args, model, train, test):
     runtime.log_row(args.out_dir, {"stage": "mine", **info})
     runtime.save_checkpoint(os.path.join(args.out_dir, "mine.pt"), SCRIPT, "mine", stage_config(args, "mine"),
                             neighbor_idx=neighbor_idx.cpu(), rows=rows, complete=True)
-    return neighbor_idx, rows, feats[args.mine_features][0]
+    return neighbor_idx, rows, feats[mined][0]
 
 
 def pixel_check(args, train, neighbor_idx):

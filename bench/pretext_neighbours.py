@@ -6,10 +6,12 @@ trains scan.py's pretext as scan.train_pretext does (scan.ContrastiveModel, augm
 momentum 0.9, weight decay 1e-4, lr 0.4 * batch / 512 with a cosine decay to lr * 1e-3, the same seeding) for each
 configuration TEMPERATURE:POOL given, then measures on the un-augmented train images:
   - neighbour accuracy: the share of each image's top-5 / top-20 cosine neighbours (knn.knn) with its label, on the
-    L2-normalised 128-d projection and on the L2-normalised backbone features (scan.py mines on the latter);
+    L2-normalised 128-d projection, on the L2-normalised backbone features and on these PCA-whitened
+    (knn.whitening: scan.py mines on the last unless --no-whiten);
   - k-means ACC: scan.kmeans (k = classes, the run's seed) fit on the train features, test images assigned to the
     nearest centroid, scored by metrics.cluster_acc (scan.py's "pretext + k-means" rows);
-and the same for the raw pixels (cosine; images above 32 px resized to 32, as scan.py's pixel check), the baseline.
+and the same for the raw pixels (cosine; images above 32 px resized to 32, as scan.py's pixel check), the baseline,
+with the neighbour accuracy of the whitened pixels beside it (whitening is no privilege of the pretext).
 Labels are used only to score. An image folder without train/ and test/ sub-folders is its own test split.
 
     python bench/pretext_neighbours.py --dataset imagefolder:/tmp/digits --image-size 32 --epochs 100 \\
@@ -36,11 +38,11 @@ import metrics
 import runtime
 import scan
 from augment import simclr_augment
-from knn import knn
+from knn import knn, whitening
 from runtime import predict
 
-COLUMNS = ["proj top-5", "proj top-20", "backbone top-5", "backbone top-20", "k-means ACC proj",
-           "k-means ACC backbone"]
+COLUMNS = ["proj top-5", "proj top-20", "backbone top-5", "backbone top-20", "whitened top-5", "whitened top-20",
+           "k-means ACC proj", "k-means ACC backbone"]
 
 
 def parse_configs(text):
@@ -91,9 +93,12 @@ def train_pretext(args, train, temperature, pool, seed):
 
 
 def measure(train_z, test_z, train, test, num_clusters, seed):
-    """L2-normalised features -> (top-5, top-20 neighbour accuracy on train, k-means ACC: fit on train, test scored)."""
+    """L2-normalised features -> (top-5, top-20 neighbour accuracy on train, k-means ACC: fit on train, test scored;
+    None without test_z)."""
     _, idx = knn(train_z, k=20, metric="cosine", exclude_self=True)
     top5, top20 = (metrics.neighbor_acc(idx[:, :k], train.labels) for k in (5, 20))
+    if test_z is None:
+        return top5, top20, None
     _, centroids = scan.kmeans(train_z, num_clusters, seed=seed)
     return top5, top20, metrics.cluster_acc(torch.cdist(test_z, centroids).argmin(1), test.labels)
 
@@ -149,8 +154,10 @@ def main():
             keep = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[:args.subset]
             train = train._replace(images=train.images[keep], labels=train.labels[keep])
         pixel_results.append(measure(pixels(train), pixels(test), train, test, num_clusters, seed))
+        pixel_results[-1] += measure(whitening(pixels(train))(pixels(train)), None, train, test, 0, seed)[:2]
         print(f"\nseed {seed}: raw pixels ({pixels(test).shape[1]}-d, cosine): neighbour accuracy top-5 "
-              f"{pixel_results[-1][0]:.3f}, top-20 {pixel_results[-1][1]:.3f}; k-means ACC {pixel_results[-1][2]:.3f}")
+              f"{pixel_results[-1][0]:.3f}, top-20 {pixel_results[-1][1]:.3f}; k-means ACC {pixel_results[-1][2]:.3f}; "
+              f"whitened: top-5 {pixel_results[-1][3]:.3f}, top-20 {pixel_results[-1][4]:.3f}")
         print("\n| seed | temperature | pool | backbone dim | " + " | ".join(COLUMNS) + " | last epoch's loss | "
               "pretext s | eval s |")
         print("|---:|---:|---:|---:|" + "---:|" * len(COLUMNS) + "---:|---:|---:|", flush=True)
@@ -161,7 +168,8 @@ def main():
             feats = {name: [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
                      for name, net in [("proj", model), ("backbone", model.backbone)]}
             proj, backbone = (measure(*feats[name], train, test, num_clusters, seed) for name in ("proj", "backbone"))
-            row = [proj[0], proj[1], backbone[0], backbone[1], proj[2], backbone[2]]
+            white = measure(whitening(feats["backbone"][0])(feats["backbone"][0]), None, train, test, 0, seed)
+            row = [proj[0], proj[1], backbone[0], backbone[1], white[0], white[1], proj[2], backbone[2]]
             results.setdefault((temperature, pool), []).append(row)
             print(f"| {seed} | {temperature:g} | {pool}x{pool} | {model.backbone.out_dim} | "
                   + " | ".join(f"{v:.3f}" for v in row) + f" | {loss:.3f} | {t1 - t0:.0f} | {time.time() - t1:.0f} |",
@@ -173,8 +181,9 @@ def main():
         for (temperature, pool), rows in results.items():
             print(f"| {temperature:g} | {pool}x{pool} | " + " | ".join(mean_std(list(col)) for col in zip(*rows))
                   + " |")
-        top5, top20, acc = (mean_std(list(col)) for col in zip(*pixel_results))
-        print(f"\nraw pixels: neighbour accuracy top-5 {top5}, top-20 {top20}; k-means ACC {acc}")
+        top5, top20, acc, white5, white20 = (mean_std(list(col)) for col in zip(*pixel_results))
+        print(f"\nraw pixels: neighbour accuracy top-5 {top5}, top-20 {top20}; k-means ACC {acc}; whitened: top-5 "
+              f"{white5}, top-20 {white20}")
     print(f"\nwall time {time.time() - t_start:.0f} s")
 
 

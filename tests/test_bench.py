@@ -98,7 +98,7 @@ def test_profeat_fmnist_commands_parse_with_the_same_budget(tmp_path):
         assert s.selflabel_epochs == p.iterations * p.selflabel_epochs
         for k in ["arch", "width", "num_heads", "pretext_batch_size", "pretext_lr", "scan_lr", "scan_batch_size",
                   "selflabel_lr", "selflabel_batch_size", "confidence_threshold", "weight_decay", "warmup_steps",
-                  "num_neighbors", "mine_features"]:
+                  "num_neighbors", "mine_features", "whiten"]:
             assert getattr(s, k, None) == getattr(p, k, None), k
         assert p.t_s == s.confidence_threshold
 
@@ -136,6 +136,7 @@ def test_pretext_neighbours():
                "--subset", "200", "--test-subset", "200", "--epochs", "1", "--batch-size", "100", "--width", "8",
                "--configs", "0.1:1,0.2:2", "--seed", "0", "1", "--threads", "1"])
     assert "| seed | temperature | pool | backbone dim | proj top-5 | proj top-20 | backbone top-5 |" in out
+    assert "| whitened top-5 | whitened top-20 | k-means ACC proj |" in out and "; whitened: top-5 " in out
     assert "| 0 | 0.1 | 1x1 | 64 |" in out and "| 1 | 0.2 | 2x2 | 256 |" in out   # global pool: 8w-d, 2x2: 32w-d
     assert "seed 1: raw pixels (768-d, cosine): neighbour accuracy top-5" in out
     assert "| 0.1 | 1x1 | " in out and " ± " in out                       # the mean +- std table over the two seeds

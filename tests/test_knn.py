@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from knn import GROUP, knn
+from knn import GROUP, knn, whitening
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -215,3 +215,48 @@ def test_distributed_without_process_group_is_the_plain_search():
     feats = torch.randn(500, 8, generator=torch.Generator().manual_seed(7))
     plain, flagged = knn(feats, k=7), knn(feats, k=7, distributed=True)
     assert torch.equal(plain[0], flagged[0]) and torch.equal(plain[1], flagged[1])
+
+
+def naive_whitening(x, eps):
+    """PCA whitening written out in numpy float64: centre, rotate onto the covariance's eigenvectors, divide each
+    axis by sqrt(eigenvalue + eps * largest eigenvalue), L2-normalise each row."""
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - x.mean(0)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred / len(x))
+    eigval = np.clip(eigval, 0, None)
+    z = centred @ eigvec / np.sqrt(eigval + eps * eigval.max())
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, None])
+def test_whitening_equals_a_naive_transcription_and_scikit_learn(eps):
+    # The eigenvectors' signs are arbitrary, so rows are compared through their cosine similarities (the Gram matrix),
+    # which is what the neighbour search sees. Test points are transformed with the train points' statistics.
+    from sklearn.decomposition import PCA
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(500, 12, generator=g) * torch.logspace(0, 2, 12) + 3.0   # anisotropic, off-centre
+    test = torch.randn(40, 12, generator=g) * torch.logspace(0, 2, 12) + 3.0
+    f = whitening(train, eps)
+    expected = naive_whitening(train.numpy(), 12 / 500 if eps is None else eps)       # default eps: d / N
+    got = f(train).double().numpy()
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got @ got.T, expected @ expected.T, atol=1e-4)
+    if eps == 0.0:  # scikit-learn's PCA(whiten=True) differs only by a global scale (N - 1), gone after normalising
+        ref = PCA(whiten=True).fit(train.numpy().astype(np.float64)).transform(test.numpy().astype(np.float64))
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        got = f(test).double().numpy()
+        np.testing.assert_allclose(got @ got.T, ref @ ref.T, atol=1e-4)
+
+
+def test_whitening_finds_the_neighbours_that_large_nuisance_directions_hide():
+    # Two classes apart along a direction of small variance, and three nuisance directions (think brightness, size,
+    # pose) of large variance: cosine neighbours of the raw features follow the nuisance, even once centred; the
+    # whitened ones follow the classes.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(1000) % 2
+    x = torch.randn(1000, 8, generator=g) * 0.3
+    x[:, 0] += 2.0 * labels - 1.0                                              # the class: +-1
+    x[:, 1:4] += 10.0 * torch.randn(1000, 3, generator=g)                      # the nuisance: spread 10
+    x += 50.0                                                                  # off-centre, as ReLU features are
+    purity = lambda z: (labels[knn(z, k=10)[1]] == labels[:, None]).float().mean().item()
+    assert purity(x) < 0.6 and purity(x - x.mean(0)) < 0.7 and purity(whitening(x)(x)) > 0.95

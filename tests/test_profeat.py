@@ -193,10 +193,14 @@ def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypat
     original = profeat.train_scan
 
     def spy(args_, stage, model, *rest):                                       # g' at the start of the SCAN stage
-        seen["g_prime_start"], seen["g_prime"] = state(model.backbone), model.backbone
+        seen["g_prime_start"], seen["g_prime"], seen["neighbor_idx"] = state(model.backbone), model.backbone, rest[0]
         return original(args_, stage, model, *rest)
     monkeypatch.setattr(profeat, "train_scan", spy)
+    feats = F.normalize(runtime.predict(g_model.backbone, train.images, train.mean, train.std), dim=1)
     model, head, info = profeat.clustering_step(args, 1, 0, g_model, train, test, None)
+    whitened = profeat.whitening(feats)(feats)                                 # mined on g(x), PCA-whitened
+    assert torch.equal(seen["neighbor_idx"], profeat.knn(whitened, k=args.num_neighbors)[1])
+    assert not torch.equal(seen["neighbor_idx"], profeat.knn(feats, k=args.num_neighbors)[1])
     g_backbone = {k[len("backbone."):]: v for k, v in before.items() if k.startswith("backbone.")}
     assert seen["g_prime_start"].keys() == g_backbone.keys()
     assert all(torch.equal(seen["g_prime_start"][k], g_backbone[k]) for k in g_backbone)     # g' starts as g

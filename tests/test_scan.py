@@ -201,6 +201,23 @@ def test_pixel_check_compares_with_brute_force_pixel_neighbours(tiny):
                                                       .float().mean().item())
 
 
+def test_mine_searches_the_whitened_backbone_unless_told_not_to(tiny, tmp_path):
+    args, train, test = tiny
+    torch.manual_seed(0)
+    model = scan.ContrastiveModel(scan.make_backbone("smallcnn", 3, 8)).eval()
+    feats = F.normalize(runtime.predict(model.backbone, train.images, train.mean, train.std), dim=1)
+    found = {}
+    for whiten in (True, False):
+        run = type(args)(**{**vars(args), "whiten": whiten, "out_dir": str(tmp_path / str(whiten)), "pixel_check": 0})
+        os.makedirs(run.out_dir)
+        found[whiten], rows, train_z = scan.mine(run, model, train, test)
+        expected = scan.whitening(feats)(feats) if whiten else feats
+        assert torch.allclose(train_z, expected, atol=1e-5)
+        assert torch.equal(found[whiten], scan.knn(expected, k=args.num_neighbors)[1])
+        assert [r["features"] for r in rows] == ["projection", "backbone"]   # the baselines: L2-normalised only
+    assert not torch.equal(found[True], found[False])                      # whitening changed the graph
+
+
 def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     args, train, _ = tiny
     args = type(args)(**vars(args))
