@@ -2,10 +2,12 @@
 
 SCAN mines its neighbours with it (Sec. 3.1 of the SCAN paper), DeepCluster builds PIC's 5-NN graph and the
 10-NN graph behind the "ratio edge intra-class" (Caron's thesis, Sec. 2.4 and 4.1), and the scripts use it for
-weighted k-NN monitors. One function, any device, bounded memory, exact:
+weighted k-NN monitors. One search function, any device, bounded memory, exact, and a PCA whitening to apply
+before it:
 
     scores, indices = knn(features, k=20)                  # each row's 20 most similar rows, itself excluded
     dist, idx = knn(test_feats, train_feats, k=5, metric="l2")
+    whiten = whitening(features); knn(whiten(features))   # on whitened features, as scan.py mines
 
 Nearly all the time is the matrix product, so two things matter:
 
