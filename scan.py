@@ -403,28 +403,26 @@ def mine(args, model, train, test):
     our budgets, and PCA-whitens them first (knn.whitening; --no-whiten: SCAN's plain cosine), which made the
     neighbours purer on every data set measured (RESULTS.md). The k-means rows stay on the L2-normalised features.
     Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
-    feats, mined = {}, args.mine_features + (", whitened" if args.whiten else "")
+    feats = {}
     for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
         feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
-    if args.whiten:  # CHOICE (not in SCAN): see the docstring
-        whiten = whitening(feats[args.mine_features][0])                      # fit on train
-        feats[mined] = [whiten(z) for z in feats[args.mine_features]]
+    train_z = feats[args.mine_features][0]
+    train_z = whitening(train_z)(train_z) if args.whiten else train_z         # CHOICE (not in SCAN): docstring
     ckpt = load(args, "mine")
     if ckpt is not None:
-        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], feats[mined][0]
-    _, neighbor_idx = knn(feats[mined][0], k=args.num_neighbors, distributed=True)   # [N, K]
+        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z
+    _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, K]
     info = pixel_check(args, train, neighbor_idx) if args.pixel_check > 0 else {}
     rows = []
-    for name in ("projection", "backbone"):
-        train_z, test_z = feats[name]
-        _, centroids = kmeans(train_z, args.num_clusters, seed=args.seed)
+    for name, (fit_z, test_z) in feats.items():                                # L2-normalised, not whitened
+        _, centroids = kmeans(fit_z, args.num_clusters, seed=args.seed)
         probs = F.one_hot(torch.cdist(test_z, centroids).argmin(1), args.num_clusters).float()
         rows.append({"stage": "pretext+kmeans", "features": name, **info,
                      **evaluate(probs, test.labels, test.classes, f"pretext + k-means ({name})")})
     runtime.log_row(args.out_dir, {"stage": "mine", **info})
     runtime.save_checkpoint(os.path.join(args.out_dir, "mine.pt"), SCRIPT, "mine", stage_config(args, "mine"),
                             neighbor_idx=neighbor_idx.cpu(), rows=rows, complete=True)
-    return neighbor_idx, rows, feats[mined][0]
+    return neighbor_idx, rows, train_z
 
 
 def pixel_check(args, train, neighbor_idx):
