@@ -515,16 +515,8 @@ def config(args):
 
 def load(args, model=None, opt=None):
     """The checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and opt."""
-    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args),
-                                   may_change=["lr"])
-    if ckpt is not None and model is not None:
-        model.load_state_dict(ckpt["model"])
-        if not ckpt["complete"]:
-            opt.load_state_dict(ckpt["optimizer"])
-            for group in opt.param_groups:                          # the learning rate given now
-                group["lr"] = args.lr
-            say(f"[{STAGE}] resuming after epoch {ckpt['epoch']}")
-    return ckpt
+    return runtime.load_checkpoint(os.path.join(args.out_dir, CHECKPOINT), SCRIPT, STAGE, config(args),
+                                   may_change=["lr"], model=model, opt=opt, lr=args.lr)
 
 
 def save(args, row, **state):

@@ -10,9 +10,8 @@ For t = 1..--iterations and each of the E ensemble members e (E = 1: ProFeat_s, 
                      and every pair of images of one confident cluster (ProFeat_s, threshold t_s, Sec. 2.2) or
                      connected by the ensemble's agreement count (ProFeat_e, Eq. (3), thresholds t_e, t_c, Sec. 2.4);
                      negatives = every other pair among the kept images.
-  2. clustering      mine M neighbours (the paper: in p(g_e(x)); here in g_e(x), whitened, as scan.py); train
-                     h_e on an auxiliary copy g'_e of g_e with SCAN's loss, Eq. (2) (g_e itself is never updated
-                     here); optionally self-label (t_f).
+  2. clustering      mine M neighbours (the paper: in p(g_e(x)); here in g_e(x), whitened, as scan.py); train h_e
+                     on a copy g'_e of g_e with SCAN's Eq. (2) (g_e is not updated); optionally self-label (t_f).
 
 The test split is evaluated after every iteration (the paper's Fig. 1); one member is kept at the end. The model and
 the SCAN and self-labelling stages are scan.py's, copied verbatim (a test keeps them identical).
@@ -50,19 +49,18 @@ SCRIPT = "profeat.py"
 
 # ---- 1. Arguments ----------------------------------------------------------------------------------------------
 # Overrides of the argparse defaults (the paper's cifar10 settings, Sec. 3), applied in this order; an explicit flag
-# wins. Other datasets take the cifar10 values, except t_c (see check_args).
+# wins. Other datasets take the cifar10 values, except t_c (see check_args). --quick: as scan.py's.
 PRESETS = {
     "cifar10": dict(t_c=20),
     "cifar20": dict(t_c=10, scan_epochs=100, scan_batch_size=512),
     "stl10": dict(t_s=0.95, t_c=1, iterations=100, scan_epochs=100, selflabel_epochs=0,
                   pretext_split="train+unlabeled"),
     "stl10-ensemble": dict(iterations=300),
-    # --quick: as scan.py's (the SCAN stage is its warm-up alone)
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
                   pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
                   selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
-    "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # as scan.py's: the CPU network's short schedules
+    "smallcnn": dict(temperature=0.2, scan_batch_size=48, threshold_rule="per-cluster"),  # as scan.py's: CPU runs
 }
 
 
@@ -107,6 +105,8 @@ def parse_args(argv=None):
     a("--selflabel-batch-size", type=pos, default=1000, help="self-labelling batch")
     a("--selflabel-lr", type=rate, default=1e-4, help="self-labelling Adam learning rate")
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
+    a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN's one "
+      "threshold, or lower ones for clusters with few confident images (FlexMatch; --arch smallcnn's default)")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
     a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
@@ -193,8 +193,7 @@ class ContrastiveModel(nn.Module):
     """Backbone + SimCLR's MLP head (d -> d -> 128); forward gives L2-normalised projections [B, 128]."""
     def __init__(self, backbone, proj_dim=128):
         super().__init__()
-        d = backbone.out_dim
-        self.backbone = backbone
+        self.backbone, d = backbone, backbone.out_dim
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
 
     def forward(self, x):
@@ -282,6 +281,18 @@ def confidence_ce(weak_logits, strong_logits, threshold=0.99):
     return F.cross_entropy(strong_logits[mask], target[mask], weight=weight), counts
 
 
+def cluster_thresholds(probs, threshold=0.99):
+    """Per-cluster thresholds: the curriculum of B. Zhang et al., "FlexMatch: Boosting Semi-Supervised Learning with
+    Curriculum Pseudo Labeling", NeurIPS 2021 (https://arxiv.org/abs/2110.08263), without its warm-up. probs [N, K]:
+    the un-augmented train images' predictions. sigma_c = #{n: argmax = c, max > threshold}, beta_c = sigma_c / max
+    sigma, threshold_c = threshold * beta_c / (2 - beta_c). A cluster with no confident image takes all it predicts,
+    where SCAN's one threshold leaves it no pseudo-label and the others absorb it (RESULTS.md). Returns [K]."""
+    confidence, label = probs.max(1)                                           # [N], [N]
+    sigma = torch.bincount(label[confidence > threshold], minlength=probs.shape[1]).to(probs.dtype)   # [K]
+    beta = sigma / sigma.max() if sigma.max() > 0 else torch.ones_like(sigma)  # none confident: SCAN's one threshold
+    return threshold * beta / (2 - beta)
+
+
 def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbor_z=None):
     """Eq. (2) per head: logits [H, B, C] -> [H]. (scan.py's version also offers the structured loss.)"""
     return scan_loss(anchor_logits, neighbor_logits, args.entropy_weight)[0]
@@ -313,13 +324,6 @@ def kmeans(x, k, iters=50, n_init=5, seed=0):
     return best[1], best[2]
 
 
-def evaluate(probs, labels, classes, title):
-    """ACC / NMI / ARI / top-5 (+ overclustering ACC when K > classes) of probs [N, K], the confusion table printed."""
-    res, text = metrics.report(probs, labels, classes, title)
-    say(text)
-    return res
-
-
 def keep_member(train_preds, scan_losses):
     """CHOICE (the paper keeps "only one model" without saying which): the medoid of the ensemble, the member whose
     train-set clustering has the highest mean NMI with the other members'; ties (always, for E = 2) go to the lowest
@@ -338,7 +342,7 @@ CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset"
                "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "mine_features", "num_heads",
                "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only",
                "carry_h", "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
-               "weight_decay", "seed", "whiten"]
+               "weight_decay", "seed", "whiten", "threshold_rule"]
 OWN_FILES = r"it\d{3}_m\d+_(pretext|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv" \
             r"|prototypes\.png|predict-.+\.(csv|png))(\.tmp)?"
 
@@ -348,18 +352,11 @@ def stage_config(args, stage):
 
 
 def load(args, stage, model=None, opt=None):
-    """The stage's checkpoint (or None), its weights and optimizer state loaded into model and opt."""
-    lr_flag = stage.split("_")[-1] + "_lr"                                     # may differ in an unfinished stage
-    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
-                                   may_change=[lr_flag])
-    if ckpt is not None and model is not None:
-        model.load_state_dict(ckpt["model"])
-        if opt is not None and not ckpt["complete"]:
-            opt.load_state_dict(ckpt["optimizer"])
-            for group in opt.param_groups:                                     # the learning rate given now
-                group["lr"] = getattr(args, lr_flag)
-            say(f"[{stage}] resuming after epoch {ckpt['epoch']}")
-    return ckpt
+    """The stage's checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and
+    opt, at the learning rate given now (it may differ in an unfinished stage: the way past a divergence)."""
+    lr_flag = stage.split("_")[-1] + "_lr"                                     # e.g. it002_m0_scan: scan_lr
+    return runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
+                                   may_change=[lr_flag], model=model, opt=opt, lr=getattr(args, lr_flag, None))
 
 
 def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
@@ -442,11 +439,10 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
 
 def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
-    un-augmented images. max(H, candidates) heads are fitted by cross-entropy to as many k-means partitions of those
-    features (other seeds), trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), and the
-    H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random
-    heads end below k-means, and Eq. (2) from one partition sometimes settles in a worse optimum (RESULTS.md). Cheap:
-    the backbone runs once."""
+    un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
+    k-means partitions of those features (other seeds), trained --warmup-steps steps with the clustering loss (Adam
+    1e-3, 128 anchors), and the H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss
+    head. In a short run random heads end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(candidates - len(model.heads)))
@@ -482,11 +478,10 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
 
 def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
-    loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After
-    every epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest value
-    over heads and epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch
-    follows it: training the backbone raises Eq. (2) on un-augmented images at first while ACC rises (measured in
-    RESULTS.md), so a warm-up would win the comparison it should lose. Returns (model, head)."""
+    loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After every
+    epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest over heads and
+    epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch follows it: training the
+    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -546,8 +541,8 @@ def keep_if_best(model, eval_loss, best, epoch):
 
 
 def train_selflabel(args, stage, model, head, train, test):
-    """Step 4: keep the chosen head; pseudo-labels from the confident predictions on the un-augmented images,
-    class-balanced cross-entropy on their strong augmentation. A batch without a confident image is skipped."""
+    """Step 4: keep the chosen head; pseudo-labels from the predictions on the un-augmented images above their
+    cluster's threshold, class-balanced cross-entropy on their strong augmentation; a batch without one is skipped."""
     model.heads = nn.ModuleList([model.heads[head]])
     model.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
@@ -559,17 +554,21 @@ def train_selflabel(args, stage, model, head, train, test):
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
         per_cluster = torch.zeros(args.num_clusters, dtype=torch.long, device=args.device)   # confident per label
+        threshold = (cluster_thresholds(predict(model, train.images, train.mean, train.std)[0].softmax(1),
+                                        args.confidence_threshold) if args.threshold_rule == "per-cluster"
+                     else torch.full((args.num_clusters,), args.confidence_threshold, device=args.device))   # [K]
         for step, idx in enumerate(batches(len(train.images), B, generator, args.device)):
             # CHOICE: pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not with the
             # batch's statistics as SCAN's code: measured slightly better (RESULTS.md); a skipped batch changes nothing.
             model.eval()
             with torch.no_grad():
                 weak = gather(forward(plain(train.images[idx], train.mean, train.std))[0])    # [B, C]
-            if not (weak.softmax(1).max(1).values > args.confidence_threshold).any():
+            weak_threshold = threshold[weak.argmax(1)]                         # [B]: that of each pseudo-label
+            if not (weak.softmax(1).max(1).values > weak_threshold).any():
                 continue                                                       # skipped: not even a forward pass
             model.train()
             strong = gather(forward(strong_augment(train.images[idx], train.mean, train.std))[0], grad=True)
-            loss, counts = confidence_ce(weak, strong, args.confidence_threshold)
+            loss, counts = confidence_ce(weak, strong, weak_threshold)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -578,14 +577,14 @@ def train_selflabel(args, stage, model, head, train, test):
             progress.step(epoch, step, loss, 2 * B)
         confident = per_cluster.tolist()
         row = {"stage": stage, "epoch": epoch + 1, "confident": sum(confident), "confident_per_cluster": confident,
-               "seconds": time.time() - t0, "loss": torch.stack(losses).mean().item() if losses else None}
+               "seconds": time.time() - t0, "loss": torch.stack(losses).mean().item() if losses else None,
+               "thresholds": [round(t, 4) for t in threshold.tolist()]}
         if (test.labels >= 0).any():                                           # reported only
             row["test_acc"] = metrics.cluster_acc(predict(model, test.images, test.mean, test.std)[0].argmax(1),
                                                   test.labels)
         say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} confident {row['confident']} of "
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
-        sparse = [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]
-        if sparse:  # little holds such a cluster: its images drift to confident look-alikes (RESULTS.md)
+        if sparse := [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]:  # RESULTS.md
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
                 "self-labelling may lose accuracy; more SCAN epochs first would help.")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
@@ -593,8 +592,8 @@ def train_selflabel(args, stage, model, head, train, test):
 
 
 def clustering_step(args, it, e, g_model, train, test, previous):
-    """Mine neighbours (the paper: in p(g(x)); by default in g(x), see --mine-features); train h on g' = a copy of g
-    with Eq. (2) (scan.py's SCAN stage); self-label if asked. g is untouched. previous: the last (model, head)."""
+    """Mine neighbours (the paper: in p(g(x)); here in g(x)); train h on g' = a copy of g with Eq. (2) (scan.py's SCAN
+    stage), then self-label if asked. g is untouched. previous: the last (model, head)."""
     net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
     train_z = F.normalize(predict(net, train.images, train.mean, train.std), dim=1)   # [N, d]
     train_z = whitening(train_z)(train_z) if args.whiten else train_z           # CHOICE: see scan.py's mine()
@@ -643,8 +642,8 @@ def run(argv=None):
         if name.endswith(".pt") and re.fullmatch(OWN_FILES, name):
             load(args, name[:-3])
     say(f"profeat.py: {'ProFeat_s' if E == 1 else f'ProFeat_e (E={E}, t_e={args.t_e}, t_c={args.t_c})'} on "
-        f"{args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} arch {args.arch} device "
-        f"{args.device} x {runtime.STATE['world']} K {args.num_clusters} iterations {args.iterations} "
+        f"{args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} arch {args.arch} "
+        f"device {args.device} x {runtime.STATE['world']} K {args.num_clusters} iterations {args.iterations} "
         f"out {args.out_dir}")
     t_start = time.time()
     runtime.reseed(args.seed, "members", -1)                                   # members differ by their init
@@ -669,8 +668,9 @@ def run(argv=None):
         member_losses = [info["scan_eval_loss"] for info in infos]
         kept = keep_member(train_probs.argmax(2).cpu().numpy(), member_losses)
         test_probs = [predict(m, test.images, test.mean, test.std)[h].softmax(1) for m, h in previous]
-        row = {"stage": "iteration", "epoch": it, "kept_member": kept, **evaluate(
-            test_probs[kept], test.labels, test.classes, f"iteration {it} (member {kept})")}
+        scores, text = metrics.report(test_probs[kept], test.labels, test.classes, f"iteration {it} (member {kept})")
+        say(text)                                                              # ACC, NMI, ARI, the confusion table
+        row = {"stage": "iteration", "epoch": it, "kept_member": kept, **scores}
         row.update({k: reps[kept].get(k) for k in ["kept_images", "positive_pairs", "skipped_batches"]}, **infos[kept])
         confident = train_probs[kept].max(1).values >= args.t_s                 # what the next ProFeat_s step uses
         row["train_confident"] = int(confident.sum())

@@ -331,10 +331,12 @@ def check_losses(losses, stage, epoch):
                          + diverged_hint())
 
 
-def load_checkpoint(path, script, stage, config, may_change=()):
+def load_checkpoint(path, script, stage, config, may_change=(), model=None, opt=None, lr=None):
     """The checkpoint dict at path, or None when there is none. Refuses (UsageError) a corrupted file, one written
     by another script or stage, and one made with other settings, except the keys in may_change (learning rates:
-    a stage diverged can be resumed with a lower one), whose new values are taken and reported."""
+    a stage diverged can be resumed with a lower one), whose new values are taken and reported. Its weights are
+    loaded into model and, while the stage is unfinished, its state into the optimizer opt, at the learning rate lr
+    (the one given now)."""
     if not os.path.exists(path):
         return None
     try:
@@ -355,6 +357,13 @@ def load_checkpoint(path, script, stage, config, may_change=()):
     for k, (old, new) in changed.items():
         print(f"[{stage}] resuming with --{k.replace('_', '-')} {new} (the checkpoint used {old})", flush=True)
     STATE["saved"] = f"{stage} epoch {ckpt['epoch']} ({path})" if "epoch" in ckpt else STATE["saved"]
+    if model is not None:
+        model.load_state_dict(ckpt["model"])
+        if opt is not None and not ckpt["complete"]:
+            opt.load_state_dict(ckpt["optimizer"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            say(f"[{stage}] resuming after epoch {ckpt['epoch']}")
     return ckpt
 
 

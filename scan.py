@@ -4,6 +4,8 @@
   without Labels", ECCV 2020. https://arxiv.org/abs/2005.12320 (official code: wvangansbeke/Unsupervised-Classification)
   T. Chen, S. Kornblith, M. Norouzi, G. Hinton, "A Simple Framework for Contrastive Learning of Visual
   Representations" (SimCLR), ICML 2020. https://arxiv.org/abs/2002.05709
+  B. Zhang, Y. Wang, W. Hou, H. Wu, J. Wang, M. Okumura, T. Shinozaki, "FlexMatch: Boosting Semi-Supervised Learning
+  with Curriculum Pseudo Labeling", NeurIPS 2021. https://arxiv.org/abs/2110.08263 (per-cluster thresholds)
 
 The paper's Algorithm 1, one stage per function below, each saved to --out-dir and skipped when complete:
 
@@ -12,7 +14,8 @@ The paper's Algorithm 1, one stage per function below, each saved to --out-dir a
                 PCA-whitened); the "pretext + k-means" baseline.
   3. scan       clustering heads trained with Eq. (2): an image and its neighbours should get the same cluster,
                 and all clusters should be used.
-  4. selflabel  fine-tune on the confident predictions (max prob > 0.99), seen through strong augmentation.
+  4. selflabel  fine-tune on the confident predictions (max prob > 0.99, lowered for clusters with few such, as
+                FlexMatch does), seen through strong augmentation.
 
 `--loss structured` swaps Eq. (2) for the structure-preserving loss of a SCAN reproduction (Eq. 3-8 there).
 
@@ -56,8 +59,9 @@ PRESETS = {
     "quick-imagefolder": dict(image_size=32),
     # The CPU network's short schedules: NT-Xent at 0.2 gave purer neighbours than 0.1 on every data set measured
     # (RESULTS.md); 0.1 is the paper's for ResNet-18 and 500 epochs. SCAN batch 48 as SCAN's own MNIST config: at a
-    # few epochs the steps count, and 48 beat 128 by far at equal time (RESULTS.md).
-    "smallcnn": dict(temperature=0.2, scan_batch_size=48),
+    # few epochs the steps count, and 48 beat 128 by far at equal time (RESULTS.md). Per-cluster thresholds: after a
+    # short SCAN stage a cluster may hold no confident image, and self-labelling then loses it (RESULTS.md).
+    "smallcnn": dict(temperature=0.2, scan_batch_size=48, threshold_rule="per-cluster"),
 }
 
 
@@ -101,6 +105,8 @@ def parse_args(argv=None):
     a("--selflabel-batch-size", type=pos, default=1000, help="self-labelling batch")
     a("--selflabel-lr", type=rate, default=1e-4, help="self-labelling Adam learning rate")
     a("--confidence-threshold", type=rate, default=0.99, help="self-labelling: min max-probability of a label (< 1)")
+    a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN's one "
+      "threshold, or lower ones for clusters with few confident images (FlexMatch; --arch smallcnn's default)")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
     a("--pixel-check", type=at_least(0), default=5000, help="after mining, compare the neighbours of this many images "
       "with the raw pixels' own (0: skip)")
@@ -185,8 +191,7 @@ class ContrastiveModel(nn.Module):
     """Backbone + SimCLR's MLP head (d -> d -> 128); forward gives L2-normalised projections [B, 128]."""
     def __init__(self, backbone, proj_dim=128):
         super().__init__()
-        d = backbone.out_dim
-        self.backbone = backbone
+        self.backbone, d = backbone, backbone.out_dim
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
 
     def forward(self, x):
@@ -269,6 +274,18 @@ def confidence_ce(weak_logits, strong_logits, threshold=0.99):
     return F.cross_entropy(strong_logits[mask], target[mask], weight=weight), counts
 
 
+def cluster_thresholds(probs, threshold=0.99):
+    """Per-cluster thresholds: the curriculum of B. Zhang et al., "FlexMatch: Boosting Semi-Supervised Learning with
+    Curriculum Pseudo Labeling", NeurIPS 2021 (https://arxiv.org/abs/2110.08263), without its warm-up. probs [N, K]:
+    the un-augmented train images' predictions. sigma_c = #{n: argmax = c, max > threshold}, beta_c = sigma_c / max
+    sigma, threshold_c = threshold * beta_c / (2 - beta_c). A cluster with no confident image takes all it predicts,
+    where SCAN's one threshold leaves it no pseudo-label and the others absorb it (RESULTS.md). Returns [K]."""
+    confidence, label = probs.max(1)                                           # [N], [N]
+    sigma = torch.bincount(label[confidence > threshold], minlength=probs.shape[1]).to(probs.dtype)   # [K]
+    beta = sigma / sigma.max() if sigma.max() > 0 else torch.ones_like(sigma)  # none confident: SCAN's one threshold
+    return threshold * beta / (2 - beta)
+
+
 # ---- 5. Evaluation ---------------------------------------------------------------------------------------------
 def kmeans(x, k, iters=50, n_init=5, seed=0):
     """Lloyd's k-means with k-means++ seeding, best of n_init by inertia, each run until no label changes (at most
@@ -318,7 +335,8 @@ STAGE_KEYS = {
     "mine": ["train_split", "subset", "num_neighbors", "mine_features", "whiten"],
     "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps",
              "entropy_weight", "update_head_only", "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b"],
-    "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold"],
+    "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
+                  "threshold_rule"],
 }
 STAGES = list(STAGE_KEYS)
 OWN_FILES = r"(pretext|mine|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv|prototypes\.png" \
@@ -330,18 +348,11 @@ def stage_config(args, stage):  # this stage's settings and those of every stage
 
 
 def load(args, stage, model=None, opt=None):
-    """The stage's checkpoint (or None), its weights and optimizer state loaded into model and opt."""
-    lr_flag = stage.split("_")[-1] + "_lr"                                     # may differ in an unfinished stage
-    ckpt = runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
-                                   may_change=[lr_flag])
-    if ckpt is not None and model is not None:
-        model.load_state_dict(ckpt["model"])
-        if opt is not None and not ckpt["complete"]:
-            opt.load_state_dict(ckpt["optimizer"])
-            for group in opt.param_groups:                                     # the learning rate given now
-                group["lr"] = getattr(args, lr_flag)
-            say(f"[{stage}] resuming after epoch {ckpt['epoch']}")
-    return ckpt
+    """The stage's checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and
+    opt, at the learning rate given now (it may differ in an unfinished stage: the way past a divergence)."""
+    lr_flag = stage.split("_")[-1] + "_lr"                                     # e.g. it002_m0_scan: scan_lr
+    return runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
+                                   may_change=[lr_flag], model=model, opt=opt, lr=getattr(args, lr_flag, None))
 
 
 def save(args, stage, model, opt, losses, row, epochs, monitor=None, **extra):
@@ -475,11 +486,10 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
 
 def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
-    un-augmented images. max(H, candidates) heads are fitted by cross-entropy to as many k-means partitions of those
-    features (other seeds), trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), and the
-    H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random
-    heads end below k-means, and Eq. (2) from one partition sometimes settles in a worse optimum (RESULTS.md). Cheap:
-    the backbone runs once."""
+    un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
+    k-means partitions of those features (other seeds), trained --warmup-steps steps with the clustering loss (Adam
+    1e-3, 128 anchors), and the H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss
+    head. In a short run random heads end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(candidates - len(model.heads)))
@@ -515,11 +525,10 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
 
 def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
-    loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After
-    every epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest value
-    over heads and epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch
-    follows it: training the backbone raises Eq. (2) on un-augmented images at first while ACC rises (measured in
-    RESULTS.md), so a warm-up would win the comparison it should lose. Returns (model, head)."""
+    loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After every
+    epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest over heads and
+    epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch follows it: training the
+    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -579,8 +588,8 @@ def keep_if_best(model, eval_loss, best, epoch):
 
 
 def train_selflabel(args, stage, model, head, train, test):
-    """Step 4: keep the chosen head; pseudo-labels from the confident predictions on the un-augmented images,
-    class-balanced cross-entropy on their strong augmentation. A batch without a confident image is skipped."""
+    """Step 4: keep the chosen head; pseudo-labels from the predictions on the un-augmented images above their
+    cluster's threshold, class-balanced cross-entropy on their strong augmentation; a batch without one is skipped."""
     model.heads = nn.ModuleList([model.heads[head]])
     model.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
@@ -592,17 +601,21 @@ def train_selflabel(args, stage, model, head, train, test):
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
         per_cluster = torch.zeros(args.num_clusters, dtype=torch.long, device=args.device)   # confident per label
+        threshold = (cluster_thresholds(predict(model, train.images, train.mean, train.std)[0].softmax(1),
+                                        args.confidence_threshold) if args.threshold_rule == "per-cluster"
+                     else torch.full((args.num_clusters,), args.confidence_threshold, device=args.device))   # [K]
         for step, idx in enumerate(batches(len(train.images), B, generator, args.device)):
             # CHOICE: pseudo-labels as the model is evaluated (eval mode: BatchNorm's running statistics), not with the
             # batch's statistics as SCAN's code: measured slightly better (RESULTS.md); a skipped batch changes nothing.
             model.eval()
             with torch.no_grad():
                 weak = gather(forward(plain(train.images[idx], train.mean, train.std))[0])    # [B, C]
-            if not (weak.softmax(1).max(1).values > args.confidence_threshold).any():
+            weak_threshold = threshold[weak.argmax(1)]                         # [B]: that of each pseudo-label
+            if not (weak.softmax(1).max(1).values > weak_threshold).any():
                 continue                                                       # skipped: not even a forward pass
             model.train()
             strong = gather(forward(strong_augment(train.images[idx], train.mean, train.std))[0], grad=True)
-            loss, counts = confidence_ce(weak, strong, args.confidence_threshold)
+            loss, counts = confidence_ce(weak, strong, weak_threshold)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -611,14 +624,14 @@ def train_selflabel(args, stage, model, head, train, test):
             progress.step(epoch, step, loss, 2 * B)
         confident = per_cluster.tolist()
         row = {"stage": stage, "epoch": epoch + 1, "confident": sum(confident), "confident_per_cluster": confident,
-               "seconds": time.time() - t0, "loss": torch.stack(losses).mean().item() if losses else None}
+               "seconds": time.time() - t0, "loss": torch.stack(losses).mean().item() if losses else None,
+               "thresholds": [round(t, 4) for t in threshold.tolist()]}
         if (test.labels >= 0).any():                                           # reported only
             row["test_acc"] = metrics.cluster_acc(predict(model, test.images, test.mean, test.std)[0].argmax(1),
                                                   test.labels)
         say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} confident {row['confident']} of "
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
-        sparse = [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]
-        if sparse:  # little holds such a cluster: its images drift to confident look-alikes (RESULTS.md)
+        if sparse := [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]:  # RESULTS.md
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
                 "self-labelling may lose accuracy; more SCAN epochs first would help.")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)

@@ -152,3 +152,15 @@ def test_scan_warmup_reads_a_scan_run(tmp_path):
     assert f"{tmp_path}: synthetic, 200 train images (train), 1000 test, 256-d smallcnn backbone features" in out
     assert "| seed | k-means | (b) after the fit | (a) 10 | (a) 20 | (b) 10 | (b) 20 | s |" in out
     assert "| (b) k-means fit + Eq. (2) | " in out and " ± " in out
+
+
+def test_whitening_eps_reads_scan_runs_and_finds_their_graph(tmp_path):
+    scan_argv = ["--dataset", "synthetic", "--image-size", "16", "--arch", "smallcnn", "--width", "8", "--subset",
+                 "200", "--pretext-epochs", "1", "--pretext-batch-size", "100", "--scan-epochs", "0",
+                 "--warmup-steps", "1", "--selflabel-epochs", "0", "--num-neighbors", "5", "--pixel-check", "0",
+                 "--threads", "1", "--log-every", "1000", "--out-dir", str(tmp_path)]
+    out = run_after("scan", scan_argv, "bench/whitening_eps.py", [str(tmp_path), str(tmp_path), "--eps", "none",
+                                                                  "0.01", "auto"])
+    assert "| run | features | eps | top-5 | top-20 | scan.py's graph |" in out
+    assert f"| {tmp_path} | backbone | auto | " in out and "| 100.00% the same |" in out   # scan.py's own mining
+    assert f"| {tmp_path} | raw pixels | auto | " in out and "| pretext | 0.01 | " in out and " ± " in out

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--warmup-steps", "30",
         "--scan-epochs", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]
 COPIED_FROM_SCAN = ["load_data", "plain", "make_backbone", "ContrastiveModel", "ClusteringModel", "scan_loss",
-                    "confidence_ce", "kmeans", "evaluate", "load", "save", "head_losses",
+                    "confidence_ce", "cluster_thresholds", "kmeans", "load", "save", "head_losses",
                     "warm_up_heads", "train_scan", "keep_if_best", "train_selflabel", "predict_files"]
 
 

@@ -142,9 +142,9 @@ def test_losses_of_several_heads_at_once_equal_one_head_at_a_time(loss):
     assert torch.allclose(fn(a, n), torch.stack([fn(a[h], n[h]) for h in range(3)]), atol=1e-6)
 
 
-def naive_confidence_ce(weak, strong, thr):
+def naive_confidence_ce(weak, strong, thr):  # thr: one threshold, or a list of one per class
     p = weak.softmax(1)
-    conf = [i for i in range(len(p)) if p[i].max() > thr]
+    conf = [i for i in range(len(p)) if p[i].max() > (thr[int(p[i].argmax())] if isinstance(thr, list) else thr)]
     labels = {i: int(p[i].argmax()) for i in conf}
     per_class = []  # class-balanced: every pseudo-class contributes its mean loss equally
     for c in sorted(set(labels.values())):
@@ -169,6 +169,38 @@ def test_confidence_ce_matches_loop_and_balances():
     assert unconfident.sum() > 10 and g[0][unconfident].abs().sum() == 0       # unconfident samples: no gradient
     loss, counts = scan.confidence_ce(torch.zeros(8, 5), torch.randn(8, 5), 0.99)
     assert loss is None and counts.tolist() == [0] * 5
+    per_class = [0.99, 0.5, 0.0, 0.9]                                         # per-cluster thresholds, per sample
+    sample_threshold = torch.tensor(per_class, dtype=torch.double)[weak.argmax(1)]
+    v, g = grads(lambda s: scan.confidence_ce(weak.double(), s, sample_threshold)[0], strong)
+    v_ref, g_ref = grads(lambda s: naive_confidence_ce(weak.double(), s, per_class), strong)
+    assert torch.allclose(v, v_ref, atol=1e-10) and torch.allclose(g[0], g_ref[0], atol=1e-10)
+    counts = scan.confidence_ce(weak, strong, sample_threshold.float())[1]
+    assert counts.tolist() == [int(((prob > t) & (label == c)).sum()) for c, t in enumerate(per_class)]
+    assert counts[1] + counts[3] > 0 and g[0][unconfident].abs().sum() > 0    # lower thresholds admit more
+
+
+def naive_cluster_thresholds(probs, thr):
+    """FlexMatch's flexible thresholds (no warm-up), written out: sigma, beta, then thr * beta / (2 - beta)."""
+    sigma = [0] * probs.shape[1]
+    for p in probs.tolist():
+        if max(p) > thr:
+            sigma[p.index(max(p))] += 1
+    if max(sigma) == 0:
+        return [thr] * len(sigma)                                              # no confident image: the one threshold
+    return [thr * (s / max(sigma)) / (2 - s / max(sigma)) for s in sigma]
+
+
+def test_cluster_thresholds_match_flexmatch_written_out():
+    torch.manual_seed(4)
+    logits = torch.randn(500, 5)
+    logits[:200, 0] += 12                                                      # confident: 200 in cluster 0,
+    logits[200:260, 1] += 12                                                   # 60 in cluster 1, 10 in cluster 3,
+    logits[260:270, 3] += 12                                                   # none in clusters 2 and 4
+    probs = logits.softmax(1).double()
+    ours = scan.cluster_thresholds(probs, 0.99)
+    assert torch.allclose(ours, torch.tensor(naive_cluster_thresholds(probs, 0.99), dtype=torch.double))
+    assert ours[0] == 0.99 and 0 < ours[3] < ours[1] < 0.5 and ours[2] == 0 and ours[4] == 0
+    assert scan.cluster_thresholds(torch.full((10, 5), 0.2), 0.99).tolist() == pytest.approx([0.99] * 5)
 
 
 # ---------------------------------------------------------------- stage pieces, in process
@@ -265,6 +297,39 @@ def test_selflabel_counts_confident_images_per_cluster_and_warns_when_one_has_fe
     assert "WARNING" not in capsys.readouterr().out
 
 
+def test_selflabel_lowers_the_threshold_of_a_cluster_without_confident_images(tiny, tmp_path):
+    """Cluster 0 is sure (> 0.99) of the images with a bright first channel; the others go to cluster 1 at about 0.95.
+    SCAN's one threshold gives cluster 1 no pseudo-label; the per-cluster rule lowers its threshold to 0, so all its
+    images count. The learning rate is 0 and the backbone has no BatchNorm: the predictions stay as computed here."""
+    args, train, test = tiny
+    args = type(args)(**vars(args))
+    args.selflabel_epochs, args.selflabel_batch_size, args.selflabel_lr = 1, 100, 0.0
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())   # [B, 3]: channel means
+    backbone.out_dim = train.images.shape[1]
+    feats = runtime.predict(backbone, train.images, train.mean, train.std)
+    middle, spread = feats[:, 0].median(), feats[:, 0].std()
+    for rule in ["fixed", "per-cluster"]:
+        args.out_dir, args.threshold_rule = str(tmp_path / rule), rule
+        os.makedirs(args.out_dir)
+        model = scan.ClusteringModel(backbone, 10, 1)
+        with torch.no_grad():                                                  # logit 0 = 50 (f0 - median) / std,
+            model.heads[0].weight.zero_()                                      # logits 1, 2 = 3, 0: p_1 <= 0.95
+            model.heads[0].weight[0, 0] = 50 / spread
+            model.heads[0].bias.copy_(torch.tensor([-50 * middle / spread, 3.0, 0.0] + [-50.0] * 7))
+        probs = runtime.predict(model, train.images, train.mean, train.std)[0].softmax(1)
+        confidence, label = probs.max(1)
+        scan.train_selflabel(args, "selflabel", model, 0, train, test)
+        row = [r for r in log(args.out_dir) if r["stage"] == "selflabel"][-1]
+        sure = int(((label == 0) & (confidence > 0.99)).sum())
+        assert 50 < sure < 250 and 50 < int((label == 1).sum()) and ((label == 1) <= (confidence < 0.99)).all()
+        if rule == "fixed":
+            assert row["thresholds"] == [0.99] * 10 and row["confident_per_cluster"] == [sure] + [0] * 9
+        else:
+            assert row["thresholds"] == pytest.approx(scan.cluster_thresholds(probs, 0.99).tolist())
+            assert row["thresholds"][:2] == [0.99, 0.0]
+            assert row["confident_per_cluster"] == [sure, int((label == 1).sum())] + [0] * 8
+
+
 def test_keep_if_best_keeps_the_lowest_loss():
     model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
     best = scan.keep_if_best(model, torch.tensor([-1.0, -2.0]), None, 1)
@@ -295,6 +360,9 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert args.scan_epochs == 7 and args.scan_batch_size == 48 and args.arch == "smallcnn"   # the small CNN's batch
     assert scan.parse_args(["--dataset", "cifar20"]).scan_batch_size == 512                       # the paper's
     assert scan.parse_args(["--dataset", "cifar20", "--quick", "--scan-batch-size", "64"]).scan_batch_size == 64
+    assert scan.parse_args(["--quick"]).threshold_rule == "per-cluster"                    # the CPU network's
+    assert scan.parse_args([]).threshold_rule == "fixed"                                   # SCAN's, with ResNet-18
+    assert scan.parse_args(["--quick", "--threshold-rule", "fixed"]).threshold_rule == "fixed"
     args = scan.parse_args(["--dataset", "stl10"])
     assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 

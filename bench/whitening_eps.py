@@ -1,0 +1,118 @@
+"""How much purer PCA whitening makes a finished scan.py run's neighbours, for several eps.
+
+scan.py mines the K nearest neighbours of every train image in the L2-normalised features of its pretext
+(--mine-features, the backbone by default), PCA-whitened by knn.whitening with eps = d / N (--no-whiten: plain
+cosine). This script reads finished runs (their pretext.pt and mine.pt; the settings from the checkpoints' config),
+rebuilds the train split and the features as scan.py did, and for each --eps measures the share of every image's
+top-5 / top-20 neighbours (knn.knn) that carry its label (metrics.neighbor_acc; labels only score):
+  - none: no whitening, the L2-normalised features (SCAN's cosine);
+  - auto: knn.whitening's default, eps = d / N;
+  - a number: that eps (relative to the largest eigenvalue).
+The raw pixels (images above 32 px resized to 32, as scan.py's pixel check) are measured the same way, plain and
+whitened (auto). The row with the run's own setting is checked against the graph its mine stage saved: the share of
+its neighbours that are also there (100%, up to ties that rounding orders differently). A row per run, then mean +-
+std (sample std) over the runs.
+
+    python bench/whitening_eps.py runs/fm-s0 runs/fm-s1 runs/fm-s2 --eps none 1e-3 1e-2 auto
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data
+import metrics
+import scan
+from knn import knn, whitening
+from runtime import predict
+
+
+def eps_value(text):
+    """"none" -> None (no whitening), "auto" -> "auto" (d / N), else a float >= 0."""
+    if text in ("none", "auto"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: none, auto or a number >= 0")
+    return value
+
+
+def load_run(out_dir, data_root):
+    """(config, train split, L2-normalised features of the mined space [N, d], the mined neighbor_idx [N, K])."""
+    paths = [os.path.join(out_dir, name) for name in ("mine.pt", "pretext.pt")]
+    if not all(os.path.exists(p) for p in paths):
+        sys.exit(f"{out_dir}: no pretext.pt and mine.pt there; run scan.py to its mine stage first.")
+    mine, pretext = (torch.load(p, map_location="cpu", weights_only=False) for p in paths)
+    config = mine["config"]
+    train = data.load_dataset(config["dataset"], root=data_root, split=config["train_split"],
+                              image_size=config["image_size"])
+    if config["subset"] is not None and config["subset"] < len(train.images):   # scan.load_data's subset
+        keep = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(config["seed"]))
+        keep = keep[:config["subset"]]
+        train = train._replace(images=train.images[keep], labels=train.labels[keep])
+    if len(train.images) != len(mine["neighbor_idx"]):
+        sys.exit(f"{out_dir}: mine.pt has {len(mine['neighbor_idx'])} images, the train split {len(train.images)}: "
+                 "another --data-root?")
+    model = scan.ContrastiveModel(scan.make_backbone(config["arch"], train.images.shape[1], config["width"],
+                                                     config["dataset"].startswith("stl10")))
+    model.load_state_dict(pretext["model"])
+    net = model if config["mine_features"] == "projection" else model.backbone
+    return config, train, F.normalize(predict(net, train.images, train.mean, train.std), dim=1), mine["neighbor_idx"]
+
+
+def neighbours(z, eps, k):
+    """The k nearest neighbours of every row of z [N, d] (cosine), after whitening unless eps is None."""
+    if eps is not None:
+        z = whitening(z, None if eps == "auto" else eps)(z)
+    return knn(z, k=k)[1]
+
+
+def mean_std(values):
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dirs", nargs="+", help="finished scan.py runs (their --out-dir), e.g. one per seed")
+    p.add_argument("--eps", type=eps_value, nargs="+", default=[None, 1e-3, 1e-2, "auto"],
+                   help="none, auto (d / N) or numbers (default: none 1e-3 1e-2 auto)")
+    p.add_argument("--data-root", default="./data", help="as the runs' (fashion-mnist: found without it)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start, table = time.time(), {}                                           # name -> [(top-5, top-20) per run]
+    name = lambda eps: "none" if eps is None else "auto" if eps == "auto" else f"{eps:g}"
+    print("| run | features | eps | top-5 | top-20 | scan.py's graph |\n|---|---|---|---:|---:|---|")
+    for out_dir in args.out_dirs:
+        config, train, z, mined = load_run(out_dir, args.data_root)
+        K = mined.shape[1]
+        own = "auto" if config["whiten"] else None                             # the eps scan.py used
+        images = train.images if train.images.shape[-1] <= 32 else data.resize(train.images, 32)
+        pixels = F.normalize(images.flatten(1).float(), dim=1)
+        for features, x, eps_list in [(config["mine_features"], z, args.eps), ("raw pixels", pixels, [None, "auto"])]:
+            for eps in eps_list:
+                idx = neighbours(x, eps, max(20, K))
+                top5, top20 = (metrics.neighbor_acc(idx[:, :k], train.labels) for k in (5, 20))
+                table.setdefault((features == "raw pixels", name(eps)), []).append((top5, top20))
+                same = metrics.neighbor_agreement(idx[:, :K].cpu(), mined) if x is z and eps == own else None
+                print(f"| {out_dir} | {features} | {name(eps)} | {top5:.3f} | {top20:.3f} | "
+                      + (f"{100 * same:.2f}% the same |" if same is not None else "|"), flush=True)
+    if len(args.out_dirs) > 1:
+        print(f"\nmean ± std over {len(args.out_dirs)} runs (sample std):\n\n| features | eps | top-5 | top-20 |\n"
+              "|---|---|---:|---:|")
+        for (is_pixels, eps), rows in table.items():
+            print(f"| {'raw pixels' if is_pixels else 'pretext'} | {eps} | {mean_std([r[0] for r in rows])} | "
+                  f"{mean_std([r[1] for r in rows])} |")
+    print(f"\nwall time {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
