@@ -52,6 +52,8 @@ def load_run(out_dir, data_root):
         sys.exit(f"{out_dir}: no pretext.pt and mine.pt there; run scan.py to its mine stage first.")
     mine, pretext = (torch.load(p, map_location="cpu", weights_only=False) for p in paths)
     config = mine["config"]
+    if "whiten" not in config:
+        sys.exit(f"{out_dir}: made by an earlier scan.py (its mine.pt has no whiten setting); rerun its mine stage.")
     train = data.load_dataset(config["dataset"], root=data_root, split=config["train_split"],
                               image_size=config["image_size"])
     if config["subset"] is not None and config["subset"] < len(train.images):   # scan.load_data's subset
@@ -88,7 +90,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    t_start, table = time.time(), {}                                           # name -> [(top-5, top-20) per run]
+    t_start, table, pixel_rows = time.time(), {}, {}     # (pixels?, eps) -> [(top-5, top-20) per run]; split -> rows
     name = lambda eps: "none" if eps is None else "auto" if eps == "auto" else f"{eps:g}"
     print("| run | features | eps | top-5 | top-20 | scan.py's graph |\n|---|---|---|---:|---:|---|")
     for out_dir in args.out_dirs:
@@ -97,10 +99,17 @@ def main():
         own = "auto" if config["whiten"] else None                             # the eps scan.py used
         images = train.images if train.images.shape[-1] <= 32 else data.resize(train.images, 32)
         pixels = F.normalize(images.flatten(1).float(), dim=1)
+        split = tuple(config[k] for k in ("dataset", "train_split", "image_size", "subset")) + (
+            config["seed"] if config["subset"] else None,)                     # the pixels' rows: once per split
         for features, x, eps_list in [(config["mine_features"], z, args.eps), ("raw pixels", pixels, [None, "auto"])]:
             for eps in eps_list:
-                idx = neighbours(x, eps, max(20, K))
-                top5, top20 = (metrics.neighbor_acc(idx[:, :k], train.labels) for k in (5, 20))
+                if x is pixels and (split, eps) in pixel_rows:
+                    top5, top20 = pixel_rows[split, eps]
+                else:
+                    idx = neighbours(x, eps, max(20, K))
+                    top5, top20 = (metrics.neighbor_acc(idx[:, :k], train.labels) for k in (5, 20))
+                    if x is pixels:
+                        pixel_rows[split, eps] = (top5, top20)
                 table.setdefault((features == "raw pixels", name(eps)), []).append((top5, top20))
                 same = metrics.neighbor_agreement(idx[:, :K].cpu(), mined) if x is z and eps == own else None
                 print(f"| {out_dir} | {features} | {name(eps)} | {top5:.3f} | {top20:.3f} | "
