@@ -60,7 +60,8 @@ PRESETS = {
                   pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
                   selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
-    "smallcnn": dict(temperature=0.2, scan_batch_size=48, threshold_rule="per-cluster"),  # as scan.py's: CPU runs
+    # As scan.py's, except SCAN's one self-labelling threshold: per-cluster ones measured worse here (RESULTS.md).
+    "smallcnn": dict(temperature=0.2, scan_batch_size=48),
 }
 
 
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     a("--selflabel-lr", type=rate, default=1e-4, help="self-labelling Adam learning rate")
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
     a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN's one "
-      "threshold, or lower ones for clusters with few confident images (FlexMatch; --arch smallcnn's default)")
+      "threshold, or lower ones for clusters with few confident images (FlexMatch; scan.py's small-CNN default)")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
     a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
@@ -352,9 +353,8 @@ def stage_config(args, stage):
 
 
 def load(args, stage, model=None, opt=None):
-    """The stage's checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and
-    opt, at the learning rate given now (it may differ in an unfinished stage: the way past a divergence)."""
-    lr_flag = stage.split("_")[-1] + "_lr"                                     # e.g. it002_m0_scan: scan_lr
+    """The stage's checkpoint (or None), its weights and (while unfinished) optimizer state loaded into model, opt."""
+    lr_flag = stage.split("_")[-1] + "_lr"                   # it002_m0_scan: scan_lr; may change in an unfinished stage
     return runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
                                    may_change=[lr_flag], model=model, opt=opt, lr=getattr(args, lr_flag, None))
 

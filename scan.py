@@ -348,9 +348,8 @@ def stage_config(args, stage):  # this stage's settings and those of every stage
 
 
 def load(args, stage, model=None, opt=None):
-    """The stage's checkpoint (or None), its weights and, while unfinished, its optimizer state loaded into model and
-    opt, at the learning rate given now (it may differ in an unfinished stage: the way past a divergence)."""
-    lr_flag = stage.split("_")[-1] + "_lr"                                     # e.g. it002_m0_scan: scan_lr
+    """The stage's checkpoint (or None), its weights and (while unfinished) optimizer state loaded into model, opt."""
+    lr_flag = stage.split("_")[-1] + "_lr"                   # it002_m0_scan: scan_lr; may change in an unfinished stage
     return runtime.load_checkpoint(os.path.join(args.out_dir, stage + ".pt"), SCRIPT, stage, stage_config(args, stage),
                                    may_change=[lr_flag], model=model, opt=opt, lr=getattr(args, lr_flag, None))
 

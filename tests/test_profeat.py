@@ -51,6 +51,13 @@ def test_functions_copied_from_scan_are_identical(name):
 # ---------------------------------------------------------------------------------------------------------------
 # Pair construction on hand-made batches
 # ---------------------------------------------------------------------------------------------------------------
+def test_self_labelling_keeps_scans_one_threshold_unless_asked():
+    """scan.py's small CNN lowers the thresholds per cluster; profeat.py keeps SCAN's one (measured, RESULTS.md)."""
+    assert profeat.parse_args(["--quick"]).threshold_rule == "fixed" == profeat.parse_args([]).threshold_rule
+    assert profeat.parse_args(["--quick", "--threshold-rule", "per-cluster"]).threshold_rule == "per-cluster"
+    assert scan.parse_args(["--quick"]).threshold_rule == "per-cluster"
+
+
 def test_confident_groups_filter_by_t_s_and_group_by_cluster():
     probs = torch.tensor([[0.95, 0.03, 0.02],   # 0: confident, cluster 0
                           [0.99, 0.01, 0.00],   # 1: confident, cluster 0
