@@ -14,8 +14,8 @@ The paper's Algorithm 1, one stage per function below, each saved to --out-dir a
                 PCA-whitened); the "pretext + k-means" baseline.
   3. scan       clustering heads trained with Eq. (2): an image and its neighbours should get the same cluster,
                 and all clusters should be used.
-  4. selflabel  fine-tune on the confident predictions (max prob > 0.99, lowered for clusters with few such, as
-                FlexMatch does), seen through strong augmentation.
+  4. selflabel  fine-tune on the confident predictions (max prob > 0.99; on the small CNN lowered for clusters
+                with few such, as FlexMatch does), seen through strong augmentation.
 
 `--loss structured` swaps Eq. (2) for the structure-preserving loss of a SCAN reproduction (Eq. 3-8 there).
 
@@ -632,7 +632,7 @@ def train_selflabel(args, stage, model, head, train, test):
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
         if sparse := [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]:  # RESULTS.md
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
-                "self-labelling may lose accuracy; more SCAN epochs first would help.")
+                "self-labelling may lose accuracy; more SCAN epochs first or --threshold-rule per-cluster would help.")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
     return model
 
