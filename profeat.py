@@ -60,8 +60,7 @@ PRESETS = {
                   pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
                   selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
-    # As scan.py's, except SCAN's one self-labelling threshold: per-cluster ones measured worse here (RESULTS.md).
-    "smallcnn": dict(temperature=0.2, scan_batch_size=48),
+    "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # scan.py's, but one threshold: measured (RESULTS.md)
 }
 
 
@@ -586,7 +585,8 @@ def train_selflabel(args, stage, model, head, train, test):
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
         if sparse := [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]:  # RESULTS.md
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
-                "self-labelling may lose accuracy; more SCAN epochs first or --threshold-rule per-cluster would help.")
+                "self-labelling may lose accuracy; more SCAN epochs first would help"
+                + (", or --threshold-rule per-cluster." if args.threshold_rule == "fixed" else "."))
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
     return model
 

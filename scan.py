@@ -632,7 +632,8 @@ def train_selflabel(args, stage, model, head, train, test):
             f"{len(train.images) // B * B}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
         if sparse := [c for c, n in enumerate(confident) if n < 0.2 * sum(confident) / len(confident)]:  # RESULTS.md
             say(f"[{stage}] WARNING: few confident images in clusters {sparse} (under a fifth of an even share): "
-                "self-labelling may lose accuracy; more SCAN epochs first or --threshold-rule per-cluster would help.")
+                "self-labelling may lose accuracy; more SCAN epochs first would help"
+                + (", or --threshold-rule per-cluster." if args.threshold_rule == "fixed" else "."))
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
     return model
 

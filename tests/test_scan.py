@@ -288,7 +288,9 @@ def test_selflabel_counts_confident_images_per_cluster_and_warns_when_one_has_fe
     scan.train_selflabel(args, "selflabel", model, 0, train, test)
     row = [r for r in log(str(tmp_path)) if r["stage"] == "selflabel"][-1]
     assert row["confident_per_cluster"] == [300] + [0] * 9 and row["confident"] == 300   # 3 batches of 100
-    assert "WARNING: few confident images in clusters [1, 2, 3, 4, 5, 6, 7, 8, 9]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WARNING: few confident images in clusters [1, 2, 3, 4, 5, 6, 7, 8, 9]" in out
+    assert args.threshold_rule == "per-cluster" and "--threshold-rule per-cluster" not in out   # no advice to use it
     args.out_dir = str(tmp_path / "balanced")
     os.makedirs(args.out_dir)
     with torch.no_grad():                                                      # no cluster confident: no warning
