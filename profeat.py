@@ -13,8 +13,7 @@ For t = 1..--iterations and each of the E ensemble members e (E = 1: ProFeat_s, 
   2. clustering      mine M neighbours (the paper: in p(g_e(x)); here in g_e(x), whitened, as scan.py); train h_e
                      on a copy g'_e of g_e with SCAN's Eq. (2) (g_e is not updated); optionally self-label (t_f).
 
-The test split is evaluated after every iteration (the paper's Fig. 1); one member is kept at the end. The model and
-the SCAN and self-labelling stages are scan.py's, copied verbatim (a test keeps them identical).
+Tested after every iteration (Fig. 1), one member kept at the end. Model, SCAN, self-labelling: scan.py's verbatim.
 
     python profeat.py --dataset synthetic --quick                           # about a minute on a CPU
     python profeat.py --dataset cifar10 --device cuda                       # ProFeat_s, the paper's settings
@@ -105,8 +104,7 @@ def parse_args(argv=None):
     a("--selflabel-batch-size", type=pos, default=1000, help="self-labelling batch")
     a("--selflabel-lr", type=rate, default=1e-4, help="self-labelling Adam learning rate")
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
-    a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN's one "
-      "threshold, or lower ones for clusters with few confident images (FlexMatch; scan.py's small-CNN default)")
+    a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN or FlexMatch")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
     a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
@@ -397,8 +395,7 @@ def representation_step(args, it, e, model, pretext, groups_of):
         epoch_batches = batches(len(pretext.images), B, generator, args.device)
         for step, idx in enumerate(epoch_batches):
             keep, group = groups_of(gather(idx))                               # over the global batch [B], [B, B]
-            # Each rank forwards a multiple of 8 of its kept images: few distinct shapes, so cuDNN's benchmark and
-            # torch.compile tune a handful of times, not once per step.
+            # each rank forwards a multiple of 8 kept images: cuDNN's benchmark and torch.compile see few shapes
             share = keep.view(world, -1)
             keep = (share & (share.cumsum(1) <= share.sum(1, keepdim=True) // 8 * 8)).view(-1)
             n = int(keep.sum())                                                # one sync: the batch may be skipped
@@ -439,16 +436,18 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
 def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
     un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions of those features (other seeds), trained --warmup-steps steps with the clustering loss (Adam
-    1e-3, 128 anchors), and the H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss
-    head. In a short run random heads end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
+    k-means partitions of those features (other seeds; a head profeat.py carried over from its last iteration, one
+    more, to its own), trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), and the H with
+    the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
+    end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
-    heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(candidates - len(model.heads)))
-                           ]).to(feats.device)                                # model.heads first, then new ones
+    carried = int(getattr(model, "carried", False))                           # 1: model.heads[0] was carried over
+    heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
+        candidates + carried - len(model.heads)))]).to(feats.device)          # model.heads first, then new ones
     forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
-    labels = torch.stack([runtime.broadcast(kmeans(F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0])
-                          for r in range(len(heads))])                         # [R, N]: R partitions
+    labels = torch.stack([runtime.broadcast(heads[0](feats).argmax(1))] * carried + [runtime.broadcast(kmeans(
+        F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])  # [R, N]
     generator = torch.Generator().manual_seed(args.seed)
     rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
@@ -605,6 +604,7 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     model = ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads)
     if args.carry_h and previous is not None:
         model.heads[0].load_state_dict(previous[0].heads[previous[1]].state_dict())
+        model.carried = True                                                   # warm_up_heads keeps its partition
     model, head = train_scan(args, stage_name(it, e, "scan"), model, neighbor_idx, None, train, test)
     info.update(head=head, scan_eval_loss=head_losses(model, train, neighbor_idx, args.entropy_weight)[head].item())
     if args.selflabel_epochs > 0:  # CHOICE: g' and h are both fine-tuned, as SCAN's self-labelling does

@@ -53,9 +53,10 @@ PRESETS = {
     "cifar20": dict(scan_batch_size=512, scan_epochs=100),
     "stl10": dict(scan_epochs=100, selflabel_epochs=100, pretext_split="train+unlabeled"),
     # --quick: the SCAN stage is its warm-up alone (heads on fixed features): the network's epochs need more steps
-    # than a quick run has to pay off (RESULTS.md)
+    # than a quick run has to pay off. Entropy weight 2: 5 split the large classes of an imbalanced folder (SCAN
+    # under k-means; SCAN's authors advise a lower one there); 2 was level or better on balanced data (RESULTS.md).
     "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=256, pretext_lr=0.2,
-                  scan_epochs=0, warmup_steps=2000, selflabel_epochs=1, selflabel_batch_size=500),
+                  scan_epochs=0, warmup_steps=2000, entropy_weight=2.0, selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
     # The CPU network's short schedules: NT-Xent at 0.2 gave purer neighbours than 0.1 on every data set measured
     # (RESULTS.md); 0.1 is the paper's for ResNet-18 and 500 epochs. SCAN batch 48 as SCAN's own MNIST config: at a
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch: anchors, as many neighbours (--arch smallcnn: 48)")
     a("--scan-lr", type=rate, default=1e-4, help="SCAN Adam learning rate")
     a("--warmup-steps", type=at_least(0), default=2000, help="SCAN: steps training the heads alone first (Adam 1e-3)")
-    a("--entropy-weight", type=rate, default=5.0, help="weight of the entropy term of Eq. (2)")
+    a("--entropy-weight", type=rate, default=5.0, help="weight of the entropy term of Eq. (2) (--quick: 2)")
     a("--update-head-only", action="store_true", help="SCAN: freeze the backbone, train the heads only")
     a("--loss", default="scan", choices=["scan", "structured"], help="SCAN's Eq. (2) or the structured loss")
     a("--tau-c", type=at_least(1e-3, float), default=8.0, help="structured: neighbour weights' temperature, Eq. (5)")
@@ -486,16 +487,18 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
 def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
     un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions of those features (other seeds), trained --warmup-steps steps with the clustering loss (Adam
-    1e-3, 128 anchors), and the H with the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss
-    head. In a short run random heads end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
+    k-means partitions of those features (other seeds; a head profeat.py carried over from its last iteration, one
+    more, to its own), trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), and the H with
+    the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
+    end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
-    heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(candidates - len(model.heads)))
-                           ]).to(feats.device)                                # model.heads first, then new ones
+    carried = int(getattr(model, "carried", False))                           # 1: model.heads[0] was carried over
+    heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
+        candidates + carried - len(model.heads)))]).to(feats.device)          # model.heads first, then new ones
     forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
-    labels = torch.stack([runtime.broadcast(kmeans(F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0])
-                          for r in range(len(heads))])                         # [R, N]: R partitions
+    labels = torch.stack([runtime.broadcast(heads[0](feats).argmax(1))] * carried + [runtime.broadcast(kmeans(
+        F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])  # [R, N]
     generator = torch.Generator().manual_seed(args.seed)
     rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)

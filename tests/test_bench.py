@@ -164,3 +164,32 @@ def test_whitening_eps_reads_scan_runs_and_finds_their_graph(tmp_path):
     assert "| run | features | eps | top-5 | top-20 | scan.py's graph |" in out
     assert f"| {tmp_path} | backbone | auto | " in out and "| 100.00% the same |" in out   # scan.py's own mining
     assert f"| {tmp_path} | raw pixels | auto | " in out and "| pretext | 0.01 | " in out and " ± " in out
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_folders(tmp_path):
+    """The check folders as data.py reads them: class sizes, image shapes; fm-rgb's colours vary between images of a
+    class (the nuisance it is for); the same folders on a second call, refused on a third into the same place."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import data
+    out = run([sys.executable, "bench/folders.py", str(tmp_path / "a")])
+    assert "fm-tail: 1228 images, 10 classes (30-300 each)" in out and "fm-rgb: 2000 images, 5 classes" in out
+    tail = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'fm-tail'}", image_size=28)
+    counts = torch.bincount(tail.labels).sort(descending=True).values
+    assert counts.tolist() == [300, 232, 180, 140, 108, 84, 65, 50, 39, 30] and tail.images.shape[1:] == (1, 28, 28)
+    rgb = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'fm-rgb'}", image_size=64)
+    assert rgb.images.shape == (2000, 3, 64, 64) and torch.bincount(rgb.labels).tolist() == [400] * 5
+    corners = rgb.images[rgb.labels == 0][:, :, 0, 0].float()                  # background colours [400, 3]
+    assert corners.std(0).min() > 50
+    digits = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'digits'}", image_size=32)
+    assert len(digits.images) == 1797 and len(digits.classes) == 10
+    run([sys.executable, "bench/folders.py", str(tmp_path / "b")])
+    for name in ("fm-tail", "fm-rgb"):
+        a, b = (tmp_path / r / name / "c1" for r in "ab")
+        assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)[:20])
+    proc = subprocess.run([sys.executable, "bench/folders.py", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "already exist" in proc.stderr

@@ -264,7 +264,8 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
         model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(2)])
         args.warmup_steps = steps
         scan.warm_up_heads(args, model, train, neighbor_idx, None)
-        fits[steps] = (scan.head_losses(model, train, neighbor_idx, 5.0), model.heads_forward(feats).argmax(2))
+        losses = scan.head_losses(model, train, neighbor_idx, args.entropy_weight)   # as the warm-up ranks them
+        fits[steps] = (losses, model.heads_forward(feats).argmax(2))
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())   # BN statistics too
     partitions = [scan.kmeans(F.normalize(feats, dim=1), 10, seed=args.seed * 1000 + r)[0] for r in range(5)]
     for head in fits[0][1]:                                                    # the fit reproduces a k-means partition
@@ -272,8 +273,34 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     assert (fits[200][0] < fits[0][0]).all()                                   # and Eq. (2) then goes down
     model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(5)])
     scan.warm_up_heads(args, model, train, neighbor_idx, None)                 # 5 heads: all 5 candidates, best first
-    losses = scan.head_losses(model, train, neighbor_idx, 5.0)
+    losses = scan.head_losses(model, train, neighbor_idx, args.entropy_weight)
     assert torch.equal(losses, losses.sort().values) and losses[0] <= fits[200][0].min() + 1e-6
+
+
+def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
+    """profeat.py's --carry-h marks head 0 as carried over from the last iteration: the warm-up fits it to its own
+    partition, beside the k-means ones, and Eq. (2) chooses. On a graph that links only images of that partition it
+    is the one kept; not carried, the head is refitted to k-means like the others and that partition is lost."""
+    args, train, _ = tiny
+    args = type(args)(**vars(args))
+    args.warmup_steps = 0
+    torch.manual_seed(0)
+    model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 1)
+    feats = runtime.predict(model.backbone, train.images, train.mean, train.std)
+    directions = torch.randn(feats.shape[1], 10) / feats.std()                 # a random linear partition, centred
+    with torch.no_grad():                                                      # so that every cluster is used
+        model.heads[0].weight.copy_(directions.T)
+        model.heads[0].bias.copy_(-feats.mean(0) @ directions)
+    carried = {k: v.clone() for k, v in model.heads[0].state_dict().items()}
+    own = model.heads_forward(feats)[0].argmax(1)                              # the carried head's partition
+    assert torch.bincount(own, minlength=10).min() > 5
+    members = [torch.nonzero(own == c).flatten() for c in range(10)]
+    neighbor_idx = torch.stack([members[c][torch.randint(len(members[c]), (5,))] for c in own.tolist()])   # [N, 5]
+    for flag in (False, True):
+        model.heads[0].load_state_dict(carried)
+        model.carried = flag
+        scan.warm_up_heads(args, model, train, neighbor_idx, None)
+        assert (metrics.cluster_acc(model.heads_forward(feats)[0].argmax(1), own) > 0.9) == flag
 
 
 def test_selflabel_counts_confident_images_per_cluster_and_warns_when_one_has_few(tiny, tmp_path, capsys):
@@ -365,6 +392,24 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert scan.parse_args(["--quick"]).threshold_rule == "per-cluster"                    # the CPU network's
     assert scan.parse_args([]).threshold_rule == "fixed"                                   # SCAN's, with ResNet-18
     assert scan.parse_args(["--quick", "--threshold-rule", "fixed"]).threshold_rule == "fixed"
+    assert scan.parse_args(["--quick"]).entropy_weight == 2.0 and scan.parse_args([]).entropy_weight == 5.0
+    assert scan.parse_args(["--arch", "smallcnn"]).entropy_weight == 5.0                # full SCAN epochs: the paper's
+    assert scan.parse_args(["--quick", "--entropy-weight", "5"]).entropy_weight == 5.0
+
+
+def test_entropy_weight_5_prefers_splitting_a_large_cluster_2_keeps_it():
+    """Why --quick's lambda is 2: 50 + 10 images in two groups, each image's neighbours in its own group. The
+    true partition, confident (sizes 5:1), against predictions (0.6, 0.4) for the large group: balanced on average
+    (Eq. (2)'s entropy term at its maximum, ln 2), at the cost of consistency. lambda = 5 ranks the second lower."""
+    group = torch.tensor([0] * 50 + [1] * 10)
+    ring = lambda start, n: [[start + (i + d) % n for d in (-2, -1, 1, 2)] for i in range(n)]
+    neighbor_idx = torch.tensor(ring(0, 50) + ring(50, 10))                   # [60, 4], inside each group
+    true = torch.nn.functional.one_hot(group, 2).float() * 30                   # logits [60, 2]
+    soft = true.clone()
+    soft[:50] = torch.tensor([0.6, 0.4]).log()
+    logits = torch.stack([true, soft])                                          # [2 candidates, 60, 2]
+    for weight, better in [(5.0, 1), (2.0, 0)]:
+        assert int(scan.head_losses(None, None, neighbor_idx, weight, logits=logits).argmin()) == better
     args = scan.parse_args(["--dataset", "stl10"])
     assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 

@@ -1,0 +1,67 @@
+"""Writes the image folders this project checks scan.py, profeat.py and deepcluster.py on besides the built-in data
+sets: `--dataset imagefolder:OUT/NAME`, one sub-folder per class (cC: Fashion-MNIST's label C), file names the
+image's index in its source (the labels only score).
+
+  digits   scikit-learn's 1,797 8x8 handwritten digits, upscaled to 32 px: 10 balanced classes, small data.
+  fm-tail  1,228 Fashion-MNIST test images, 28 px gray, 10 long-tailed classes of 300, 232, ... 30 images (ratio
+           10, in a random class order): SCAN's entropy term asks for equal clusters, these are not.
+  fm-rgb   2,000 Fashion-MNIST test images of 5 classes (T-shirt, trouser, sandal, sneaker, bag), 64 px RGB, each
+           with its own random foreground and background colour: colour says nothing of the class, and an
+           augmentation's colour jitter cannot hide it.
+
+Fashion-MNIST is read as the scripts read it (data.py: ./data or Debian's dataset-fashion-mnist); the draws are
+seeded, so the folders are the same on every machine. Needs scikit-learn (requirements-dev.txt) for digits.
+
+    python bench/folders.py /tmp/folders                 # then e.g. scan.py --dataset imagefolder:/tmp/folders/fm-tail
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data
+
+
+def write(out, name, label, file, array):
+    os.makedirs(os.path.join(out, name, label), exist_ok=True)
+    Image.fromarray(array).save(os.path.join(out, name, label, file))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="folder to write digits/, fm-tail/ and fm-rgb/ into (they must not exist yet)")
+    p.add_argument("--data-root", default="./data", help="where Fashion-MNIST is found, as the scripts' flag")
+    args = p.parse_args()
+    taken = [n for n in ("digits", "fm-tail", "fm-rgb") if os.path.exists(os.path.join(args.out, n))]
+    if taken:
+        p.error(f"{', '.join(os.path.join(args.out, n) for n in taken)} already exist; choose another folder.")
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i, (x, y) in enumerate(zip(digits.images, digits.target)):
+        image = Image.fromarray((x / 16 * 255).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+        write(args.out, "digits", str(y), f"{i:04d}.png", np.asarray(image))
+    test = data.load_dataset("fashion-mnist", args.data_root, "test", image_size=28)
+    x, y = test.images[:, 0].numpy(), test.labels.numpy()                      # [10000, 28, 28] uint8, [10000]
+    rng = np.random.default_rng(123)
+    for c in (0, 1, 5, 7, 8):                                                  # fm-rgb: 400 of each class
+        for i in rng.permutation(np.where(y == c)[0])[:400]:
+            shape = np.asarray(Image.fromarray(x[i]).resize((64, 64), Image.BILINEAR), np.float32)[..., None] / 255
+            foreground, background = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+            rgb = (shape * foreground + (1 - shape) * background) * 255
+            write(args.out, "fm-rgb", f"c{c}", f"{i}.png", rgb.clip(0, 255).astype(np.uint8))
+    counts = np.round(300 * 0.775 ** np.arange(10)).astype(int)                # 300 ... 30
+    for c, n in zip(rng.permutation(10), counts):                              # fm-tail
+        for i in rng.permutation(np.where(y == c)[0])[:n]:
+            write(args.out, "fm-tail", f"c{c}", f"{i}.png", x[i])
+    for name in ("digits", "fm-tail", "fm-rgb"):
+        folder = os.path.join(args.out, name)
+        sizes = {c: len(os.listdir(os.path.join(folder, c))) for c in sorted(os.listdir(folder))}
+        print(f"{folder}: {sum(sizes.values())} images, {len(sizes)} classes ({min(sizes.values())}-"
+              f"{max(sizes.values())} each)")
+
+
+if __name__ == "__main__":
+    main()
