@@ -433,16 +433,15 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
     return consistency + entropy_weight * (mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
 
 
-def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
+def warm_up_heads(args, model, train, neighbor_idx, train_z, carried=0, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
     un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions of those features (other seeds; a head profeat.py carried over from its last iteration, one
-    more, to its own), trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), and the H with
-    the lowest Eq. (2) on the train set kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
+    k-means partitions of those features (other seeds), and with carried = 1 head 0 (profeat.py's last h) to its own
+    as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), the H with the
+    lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
     end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
-    carried = int(getattr(model, "carried", False))                           # 1: model.heads[0] was carried over
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
         candidates + carried - len(model.heads)))]).to(feats.device)          # model.heads first, then new ones
     forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
@@ -474,12 +473,13 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, candidates=5):
         head.load_state_dict(state)                                            # are among the candidates)
 
 
-def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
+def train_scan(args, stage, model, neighbor_idx, train_z, train, test, carried=0):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
     loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After every
     epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest over heads and
     epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch follows it: training the
-    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). Returns (model, head)."""
+    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). carried: see warm_up_heads.
+    Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -488,7 +488,7 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test):
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
         say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
-        warm_up_heads(args, model, train, neighbor_idx, train_z)
+        warm_up_heads(args, model, train, neighbor_idx, train_z, carried)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None
         say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']}")
@@ -602,10 +602,10 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     # g' := a deep copy of g. CHOICE: "iteratively learns both g and h": head 0 starts as the last iteration's h.
     runtime.reseed(args.seed, stage_name(it, e, "heads"), -1)                 # the heads' initial weights
     model = ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads)
-    if args.carry_h and previous is not None:
+    carried = int(args.carry_h and previous is not None)                      # a warm-up candidate, beside k-means'
+    if carried:
         model.heads[0].load_state_dict(previous[0].heads[previous[1]].state_dict())
-        model.carried = True                                                   # warm_up_heads keeps its partition
-    model, head = train_scan(args, stage_name(it, e, "scan"), model, neighbor_idx, None, train, test)
+    model, head = train_scan(args, stage_name(it, e, "scan"), model, neighbor_idx, None, train, test, carried)
     info.update(head=head, scan_eval_loss=head_losses(model, train, neighbor_idx, args.entropy_weight)[head].item())
     if args.selflabel_epochs > 0:  # CHOICE: g' and h are both fine-tuned, as SCAN's self-labelling does
         model, head = train_selflabel(args, stage_name(it, e, "selflabel"), model, head, train, test), 0

@@ -278,7 +278,7 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
 
 
 def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
-    """profeat.py's --carry-h marks head 0 as carried over from the last iteration: the warm-up fits it to its own
+    """profeat.py's --carry-h passes carried = 1 (head 0 is the last iteration's): the warm-up fits it to its own
     partition, beside the k-means ones, and Eq. (2) chooses. On a graph that links only images of that partition it
     is the one kept; not carried, the head is refitted to k-means like the others and that partition is lost."""
     args, train, _ = tiny
@@ -296,10 +296,9 @@ def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
     assert torch.bincount(own, minlength=10).min() > 5
     members = [torch.nonzero(own == c).flatten() for c in range(10)]
     neighbor_idx = torch.stack([members[c][torch.randint(len(members[c]), (5,))] for c in own.tolist()])   # [N, 5]
-    for flag in (False, True):
+    for flag in (0, 1):
         model.heads[0].load_state_dict(carried)
-        model.carried = flag
-        scan.warm_up_heads(args, model, train, neighbor_idx, None)
+        scan.warm_up_heads(args, model, train, neighbor_idx, None, carried=flag)
         assert (metrics.cluster_acc(model.heads_forward(feats)[0].argmax(1), own) > 0.9) == flag
 
 
@@ -395,6 +394,8 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert scan.parse_args(["--quick"]).entropy_weight == 2.0 and scan.parse_args([]).entropy_weight == 5.0
     assert scan.parse_args(["--arch", "smallcnn"]).entropy_weight == 5.0                # full SCAN epochs: the paper's
     assert scan.parse_args(["--quick", "--entropy-weight", "5"]).entropy_weight == 5.0
+    args = scan.parse_args(["--dataset", "stl10"])
+    assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 
 
 def test_entropy_weight_5_prefers_splitting_a_large_cluster_2_keeps_it():
@@ -410,8 +411,6 @@ def test_entropy_weight_5_prefers_splitting_a_large_cluster_2_keeps_it():
     logits = torch.stack([true, soft])                                          # [2 candidates, 60, 2]
     for weight, better in [(5.0, 1), (2.0, 0)]:
         assert int(scan.head_losses(None, None, neighbor_idx, weight, logits=logits).argmin()) == better
-    args = scan.parse_args(["--dataset", "stl10"])
-    assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 
 
 @pytest.mark.parametrize("extra,message", [
