@@ -632,9 +632,7 @@ def run(argv=None):
         runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, restart=False)
         return predict_files(args)
     pretext, train, test = load_data(args)
-    if args.num_clusters is None and not train.classes:
-        raise UsageError(f"{args.dataset} has no classes to count clusters by; give --num-clusters.")
-    args.num_clusters = args.num_clusters or len(train.classes)
+    args.num_clusters = runtime.num_clusters(args, train.classes)
     check_args(args, len(train.images))
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     E = args.ensemble

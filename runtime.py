@@ -192,6 +192,14 @@ def parse_args(p, argv, presets):
     return args
 
 
+def num_clusters(args, classes):
+    """--num-clusters, or else the number of classes (an image folder's class sub-folders), of which 2 are needed."""
+    if args.num_clusters is None and len(classes) < 2:
+        what = f"a single class ({classes[0]!r})" if classes else "no classes"
+        raise UsageError(f"{args.dataset} has {what} to count clusters by; give --num-clusters.")
+    return args.num_clusters or len(classes)
+
+
 # ---- the output folder ----------------------------------------------------------------------------------------
 def take_out_dir(out_dir, script, own_files, restart):
     """Create and lock out_dir for this run (rank 0 does it; an error stops every rank). own_files: a regex of the
@@ -450,7 +458,8 @@ def write_predictions(args, probs, images, files):
     name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0] or "images"
     if STATE["rank"] == 0:
         write_outputs(args.out_dir, probs, images, {"file": files}, f"predict-{name}.csv", f"predict-{name}.png")
-    say(f"{len(files)} images clustered into {args.out_dir}/predict-{name}.csv and predict-{name}.png")
+    say(f"{len(files)} image{'s' * (len(files) != 1)} clustered into {args.out_dir}/predict-{name}.csv and "
+        f"predict-{name}.png")
 
 
 def write_outputs(out_dir, probs, images, columns, csv_name, png_name, per_row=8):

@@ -5,6 +5,7 @@ image's index in its source (the labels only score).
   digits   scikit-learn's 1,797 8x8 handwritten digits, upscaled to 32 px: 10 balanced classes, small data.
   fm-tail  1,228 Fashion-MNIST test images, 28 px gray, 10 long-tailed classes of 300, 232, ... 30 images (ratio
            10, in a random class order): SCAN's entropy term asks for equal clusters, these are not.
+  fm-small 1,500 Fashion-MNIST test images, 28 px gray, 150 of each class: balanced, small data.
   fm-rgb   2,000 Fashion-MNIST test images of 5 classes (T-shirt, trouser, sandal, sneaker, bag), 64 px RGB, each
            with its own random foreground and background colour: colour says nothing of the class, and an
            augmentation's colour jitter cannot hide it.
@@ -24,6 +25,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data
 
+NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb")
 
 def write(out, name, label, file, array):
     os.makedirs(os.path.join(out, name, label), exist_ok=True)
@@ -32,10 +34,10 @@ def write(out, name, label, file, array):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="folder to write digits/, fm-tail/ and fm-rgb/ into (they must not exist yet)")
+    p.add_argument("out", help="folder to write digits/, fm-tail/, fm-small/ and fm-rgb/ into (none may exist yet)")
     p.add_argument("--data-root", default="./data", help="where Fashion-MNIST is found, as the scripts' flag")
     args = p.parse_args()
-    taken = [n for n in ("digits", "fm-tail", "fm-rgb") if os.path.exists(os.path.join(args.out, n))]
+    taken = [n for n in NAMES if os.path.exists(os.path.join(args.out, n))]
     if taken:
         p.error(f"{', '.join(os.path.join(args.out, n) for n in taken)} already exist; choose another folder.")
     from sklearn.datasets import load_digits
@@ -56,7 +58,11 @@ def main():
     for c, n in zip(rng.permutation(10), counts):                              # fm-tail
         for i in rng.permutation(np.where(y == c)[0])[:n]:
             write(args.out, "fm-tail", f"c{c}", f"{i}.png", x[i])
-    for name in ("digits", "fm-tail", "fm-rgb"):
+    rng = np.random.default_rng(7)                                             # fm-small: 150 of each class
+    for c in range(10):
+        for i in rng.permutation(np.where(y == c)[0])[:150]:
+            write(args.out, "fm-small", f"c{c}", f"{i}.png", x[i])
+    for name in NAMES:
         folder = os.path.join(args.out, name)
         sizes = {c: len(os.listdir(os.path.join(folder, c))) for c in sorted(os.listdir(folder))}
         print(f"{folder}: {sum(sizes.values())} images, {len(sizes)} classes ({min(sizes.values())}-"

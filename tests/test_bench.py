@@ -183,10 +183,12 @@ def test_folders(tmp_path):
     assert rgb.images.shape == (2000, 3, 64, 64) and torch.bincount(rgb.labels).tolist() == [400] * 5
     corners = rgb.images[rgb.labels == 0][:, :, 0, 0].float()                  # background colours [400, 3]
     assert corners.std(0).min() > 50
+    small = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'fm-small'}", image_size=28)
+    assert torch.bincount(small.labels).tolist() == [150] * 10 and small.images.shape[1:] == (1, 28, 28)
     digits = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'digits'}", image_size=32)
     assert len(digits.images) == 1797 and len(digits.classes) == 10
     run([sys.executable, "bench/folders.py", str(tmp_path / "b")])
-    for name in ("fm-tail", "fm-rgb"):
+    for name in ("fm-tail", "fm-small", "fm-rgb"):
         a, b = (tmp_path / r / name / "c1" for r in "ab")
         assert sorted(os.listdir(a)) == sorted(os.listdir(b))
         assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)[:20])

@@ -169,6 +169,16 @@ def test_presets_never_override_an_explicit_flag():
     assert runtime.parse_args(p, [], presets).epochs == 500
 
 
+def test_num_clusters_comes_from_two_or_more_classes_or_the_flag():
+    from argparse import Namespace
+    ask = lambda given, classes: runtime.num_clusters(Namespace(dataset="imagefolder:x", num_clusters=given), classes)
+    assert ask(None, ["a", "b", "c"]) == 3 and ask(7, ["a", "b", "c"]) == 7 and ask(4, ["a"]) == 4 and ask(2, []) == 2
+    for classes, words in [(["cats"], "a single class ('cats')"), ([], "no classes")]:
+        with pytest.raises(runtime.UsageError, match="give --num-clusters") as error:
+            ask(None, classes)
+        assert words in str(error.value)
+
+
 def test_single_process_collectives_are_the_identity():
     x = torch.randn(5, 3)
     assert runtime.gather(x) is x and runtime.shard(7) == (0, 7) and runtime.broadcast(x) is x

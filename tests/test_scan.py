@@ -436,6 +436,19 @@ def test_bad_input_exits_2_with_one_paragraph(extra, message, tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_folder_without_two_classes_needs_num_clusters(tmp_path):
+    """The cluster count comes from the class sub-folders: none, or only one, is refused (as deepcluster.py refuses
+    a single class) unless --num-clusters says it."""
+    for name, folder, words in [("flat", tmp_path / "flat", "has no classes"),
+                                ("one", tmp_path / "one" / "cats", "has a single class ('cats')")]:
+        folder.mkdir(parents=True)
+        for i in range(30):
+            Image.new("L", (12, 12), i * 8).save(folder / f"{i}.png")
+        res = run("--dataset", f"imagefolder:{tmp_path / name}", "--quick", "--out-dir", str(tmp_path / f"r-{name}"))
+        assert res.returncode == 2 and words in res.stderr and "give --num-clusters" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / f"r-{name}").exists()
+
+
 def test_an_out_dir_that_is_a_file_and_an_image_file_as_folder(tmp_path):
     image = tmp_path / "one.png"
     Image.new("RGB", (8, 8)).save(image)
@@ -577,6 +590,7 @@ def test_predict_applies_a_finished_run_to_new_images(finished, tmp_path):
     assert os.path.exists(os.path.join(out, "predict-new.png"))
     res = run("--predict", str(folder / "00.png"), "--out-dir", out, "--threads", "1")     # a single image
     assert res.returncode == 0 and open(os.path.join(out, "predict-00.csv")).read().count("\n") == 2
+    assert "1 image clustered into" in res.stdout + res.stderr
     res = run("--predict", str(tmp_path / "nothing"), "--out-dir", out)
     assert res.returncode == 2 and "nothing" in res.stderr and "Traceback" not in res.stderr
     res = run("--predict", str(folder), "--out-dir", str(tmp_path / "unfinished"))
