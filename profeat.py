@@ -56,7 +56,7 @@ PRESETS = {
                   pretext_split="train+unlabeled"),
     "stl10-ensemble": dict(iterations=300),
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
-                  pretext_batch_size=256, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
+                  pretext_batch_size=None, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
                   selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
     "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # scan.py's, but one threshold: measured (RESULTS.md)
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     a("--t-c", type=pos, default=None, help="ProFeat_e: min connections in the batch of a kept image (0.4 B / K)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs of iteration 1")
     a("--refine-epochs", type=at_least(0), default=50, help="representation fine-tuning epochs of each later iteration")
-    a("--pretext-batch-size", type=pos, default=512, help="representation batch B (images; twice as many views)")
+    a("--pretext-batch-size", type=pos, default=512, help="representation batch (--quick: <= 256, ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="representation SGD learning rate at the start ...")
     a("--pretext-lr-min", type=rate, default=0.0004, help="... decayed (cosine) to this over all iterations")
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
@@ -633,6 +633,7 @@ def run(argv=None):
         return predict_files(args)
     pretext, train, test = load_data(args)
     args.num_clusters = runtime.num_clusters(args, train.classes)
+    args.pretext_batch_size = args.pretext_batch_size or runtime.batch_for(len(pretext.images))  # --quick
     check_args(args, len(train.images))
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     E = args.ensemble

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -190,6 +191,12 @@ def parse_args(p, argv, presets):
             if k not in given:
                 setattr(args, k, v)
     return args
+
+
+def batch_for(n, steps=16, largest=256, smallest=32):
+    """The power of two nearest n / steps, within [smallest, largest]: about `steps` steps an epoch over n images.
+    --quick's SimCLR batch: 256 left a small folder's few epochs too few steps to train (RESULTS.md)."""
+    return min(largest, max(smallest, 2 ** round(math.log2(max(n, 1) / steps))))
 
 
 def num_clusters(args, classes):

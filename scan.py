@@ -55,7 +55,8 @@ PRESETS = {
     # --quick: the SCAN stage is its warm-up alone (heads on fixed features): the network's epochs need more steps
     # than a quick run has to pay off. Entropy weight 2: 5 split the large classes of an imbalanced folder (SCAN
     # under k-means; SCAN's authors advise a lower one there); 2 was level or better on balanced data (RESULTS.md).
-    "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=256, pretext_lr=0.2,
+    # Pretext batch None: runtime.batch_for, ~16 steps an epoch; 256 left a small folder's pretext untrained.
+    "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=None, pretext_lr=0.2,
                   scan_epochs=0, warmup_steps=2000, entropy_weight=2.0, selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),
     # The CPU network's short schedules: NT-Xent at 0.2 gave purer neighbours than 0.1 on every data set measured
@@ -86,7 +87,7 @@ def parse_args(argv=None):
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
-    a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (images; twice as many views)")
+    a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (--quick: <= 256, ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
     a("--temperature", type=at_least(1e-3, float), default=0.1,
       help="NT-Xent temperature (default: 0.1; --arch smallcnn: 0.2)")
@@ -662,6 +663,7 @@ def run(argv=None):
         return predict_files(args)
     pretext, train, test = load_data(args)
     args.num_clusters = runtime.num_clusters(args, train.classes)
+    args.pretext_batch_size = args.pretext_batch_size or runtime.batch_for(len(pretext.images))  # --quick
     check_args(args, len(train.images))
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     for stage in STAGES:                                                       # refuse a foreign checkpoint early

@@ -182,6 +182,7 @@ def tiny_setup(tmp_path_factory):
     args.device = "cpu"
     pretext, train, test = profeat.load_data(args)
     args.num_clusters = len(train.classes)
+    args.pretext_batch_size = runtime.batch_for(len(pretext.images))          # as run() sets --quick's
     profeat.check_args(args, len(train.images))
     torch.manual_seed(0)
     g_model = profeat.ContrastiveModel(profeat.make_backbone("smallcnn", train.images.shape[1], args.width))

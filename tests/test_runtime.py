@@ -4,6 +4,7 @@ argument types, exit codes, and writes on a full disk.
     python -m pytest tests/test_runtime.py -q
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,6 +168,15 @@ def test_presets_never_override_an_explicit_flag():
     args = runtime.parse_args(p, ["--quick", "--epochs=9"], presets)
     assert args.epochs == 9
     assert runtime.parse_args(p, [], presets).epochs == 500
+
+
+def test_batch_for_gives_about_16_steps_an_epoch_as_a_power_of_2():
+    """--quick's SimCLR batch: 256 on the 4,000- and 3,000-image subsets, smaller on a small folder, 32 at least."""
+    sizes = [24, 300, 1228, 1500, 1797, 3000, 4000, 50000]
+    assert [runtime.batch_for(n) for n in sizes] == [32, 32, 64, 128, 128, 256, 256, 256]
+    for n in range(600, 4000, 7):                                              # the nearest power of 2 to n / 16
+        b = runtime.batch_for(n)
+        assert all(abs(math.log2(n / 16 / b)) <= abs(math.log2(n / 16 / c)) + 1e-9 for c in (32, 64, 128, 256))
 
 
 def test_num_clusters_comes_from_two_or_more_classes_or_the_flag():

@@ -392,6 +392,8 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert scan.parse_args([]).threshold_rule == "fixed"                                   # SCAN's, with ResNet-18
     assert scan.parse_args(["--quick", "--threshold-rule", "fixed"]).threshold_rule == "fixed"
     assert scan.parse_args(["--quick"]).entropy_weight == 2.0 and scan.parse_args([]).entropy_weight == 5.0
+    assert scan.parse_args(["--quick"]).pretext_batch_size is None and scan.parse_args([]).pretext_batch_size == 512
+    assert scan.parse_args(["--quick", "--pretext-batch-size", "100"]).pretext_batch_size == 100
     assert scan.parse_args(["--arch", "smallcnn"]).entropy_weight == 5.0                # full SCAN epochs: the paper's
     assert scan.parse_args(["--quick", "--entropy-weight", "5"]).entropy_weight == 5.0
     args = scan.parse_args(["--dataset", "stl10"])
@@ -477,6 +479,7 @@ def test_a_finished_run_writes_every_output(finished):
         assert r["acc"] > 0.15                                                 # 10 classes: chance is 0.1
     assert {"pixel_agreement", "neighbor_acc_top20", "pixel_neighbor_acc_top20"} <= set(results["rows"][0])
     assert results["script"] == "scan.py" and results["final"]["stage"] == "selflabel"
+    assert results["args"]["pretext_batch_size"] == 32                    # --quick on 300 images: 32, the least
     lines = open(os.path.join(out, "predictions.csv")).read().splitlines()
     assert lines[0] == "index,label,cluster,confidence" and len(lines) == 1001
     assert all(0 <= float(line.split(",")[3]) <= 1 for line in lines[1:])
@@ -547,7 +550,8 @@ def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tmp_path):
 
 def test_a_diverged_run_stops_with_exit_2_and_never_saves_non_finite_weights(tmp_path):
     out = str(tmp_path / "run")
-    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10")   # epoch 1 (one step) survives, epoch 2 does not
+    # batch 256: one step an epoch over the 300 images; epoch 1 survives, epoch 2 does not
+    res = run(*TINY, "--out-dir", out, "--pretext-lr", "1e10", "--pretext-batch-size", "256")
     assert res.returncode == 2 and "pretext: the weights became non-finite at epoch 2" in res.stderr
     assert "lower learning rate" in res.stderr and "resumes after pretext epoch 1" in res.stderr
     assert "Traceback" not in res.stderr
