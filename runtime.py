@@ -10,6 +10,8 @@ Everything here is about running, not about the methods, so the three scripts sh
                  settings that made it; load_checkpoint() refuses a file made elsewhere or with other settings.
 - log_row():     log.jsonl holds each (stage, epoch) once, also after a kill and resume.
 - gather(), shard(): the few collective operations the scripts need, identity in a single process.
+- parse_args(), num_clusters(), batch_for(): flags and presets (an explicit flag wins), and the defaults that depend
+                 on the data: the cluster count from the classes, --quick's SimCLR batch from the image count.
 """
 import argparse
 import ctypes
