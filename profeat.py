@@ -84,7 +84,7 @@ def parse_args(argv=None):
     a("--t-c", type=pos, default=None, help="ProFeat_e: min connections in the batch of a kept image (0.4 B / K)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs of iteration 1")
     a("--refine-epochs", type=at_least(0), default=50, help="representation fine-tuning epochs of each later iteration")
-    a("--pretext-batch-size", type=pos, default=512, help="representation batch (--quick: <= 256, ~16 steps an epoch)")
+    a("--pretext-batch-size", type=pos, default=512, help="representation batch B (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="representation SGD learning rate at the start ...")
     a("--pretext-lr-min", type=rate, default=0.0004, help="... decayed (cosine) to this over all iterations")
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")

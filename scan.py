@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
-    a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (--quick: <= 256, ~16 steps an epoch)")
+    a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
     a("--temperature", type=at_least(1e-3, float), default=0.1,
       help="NT-Xent temperature (default: 0.1; --arch smallcnn: 0.2)")

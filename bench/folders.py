@@ -27,6 +27,7 @@ import data
 
 NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb")
 
+
 def write(out, name, label, file, array):
     os.makedirs(os.path.join(out, name, label), exist_ok=True)
     Image.fromarray(array).save(os.path.join(out, name, label, file))
