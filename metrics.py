@@ -155,6 +155,9 @@ def report(probs, target, classes, title, max_rows=30):
     res = {"num_clusters": probs.shape[1], **evaluate(pred, target, probs)}
     lines = [f"== {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in res.items())]
+    if res["K"] < probs.shape[1]:                                              # said, not only counted
+        lines.append(f"WARNING: {probs.shape[1] - res['K']} of the {probs.shape[1]} clusters hold none of these "
+                     f"{len(pred)} images (scan.py, profeat.py: a larger --entropy-weight spreads them).")
     known = target >= 0
     if known.any():
         table = confusion(pred[known], target[known], probs.shape[1], max(len(classes), int(target.max()) + 1))

@@ -48,7 +48,7 @@ SCRIPT = "profeat.py"
 
 # ---- 1. Arguments ----------------------------------------------------------------------------------------------
 # Overrides of the argparse defaults (the paper's cifar10 settings, Sec. 3), applied in this order; an explicit flag
-# wins. Other datasets take the cifar10 values, except t_c (see check_args). --quick: as scan.py's.
+# wins. Other datasets take the cifar10 values, except t_c (see check_args). --quick: scan.py's, lambda 5 (RESULTS.md).
 PRESETS = {
     "cifar10": dict(t_c=20),
     "cifar20": dict(t_c=10, scan_epochs=100, scan_batch_size=512),
@@ -97,7 +97,7 @@ def parse_args(argv=None):
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch: anchors, as many neighbours (--arch smallcnn: 48)")
     a("--scan-lr", type=rate, default=1e-4, help="SCAN Adam learning rate")
     a("--warmup-steps", type=at_least(0), default=2000, help="SCAN: steps training the heads alone first (Adam 1e-3)")
-    a("--entropy-weight", type=rate, default=5.0, help="lambda of Eq. (2)")
+    a("--entropy-weight", type=rate, default=5.0, help="lambda of Eq. (2), lower for imbalanced classes")
     a("--update-head-only", action="store_true", help="SCAN: keep g' fixed, train the heads only")
     a("--carry-h", action=argparse.BooleanOptionalAction, default=True, help="head 0 starts as the last h")
     a("--selflabel-epochs", type=at_least(0), default=200, help="self-labelling epochs per clustering step (0: none)")

@@ -9,6 +9,10 @@ image's index in its source (the labels only score).
   fm-rgb   2,000 Fashion-MNIST test images of 5 classes (T-shirt, trouser, sandal, sneaker, bag), 64 px RGB, each
            with its own random foreground and background colour: colour says nothing of the class, and an
            augmentation's colour jitter cannot hide it.
+  fm-tail2 1,636 Fashion-MNIST train images, 28 px gray, 10 classes of 400 ... 40 images (geometric, ratio 10).
+  fm-step  1,800 Fashion-MNIST train images, 28 px gray: 5 classes of 300 images, 5 of 60.
+  tex-tail 1,636 of synthetic.py's texture images (its seed 5), 32 px RGB, 10 classes of 400 ... 40 images: an
+           imbalanced folder that is not Fashion-MNIST.
 
 Fashion-MNIST is read as the scripts read it (data.py: ./data or Debian's dataset-fashion-mnist); the draws are
 seeded, so the folders are the same on every machine. Needs scikit-learn (requirements-dev.txt) for digits.
@@ -24,8 +28,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data
+from synthetic import make_synthetic
 
-NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb")
+NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail")
 
 
 def write(out, name, label, file, array):
@@ -35,7 +40,7 @@ def write(out, name, label, file, array):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="folder to write digits/, fm-tail/, fm-small/ and fm-rgb/ into (none may exist yet)")
+    p.add_argument("out", help=f"folder to write {', '.join(NAMES)} into (none may exist yet)")
     p.add_argument("--data-root", default="./data", help="where Fashion-MNIST is found, as the scripts' flag")
     args = p.parse_args()
     taken = [n for n in NAMES if os.path.exists(os.path.join(args.out, n))]
@@ -63,6 +68,20 @@ def main():
     for c in range(10):
         for i in rng.permutation(np.where(y == c)[0])[:150]:
             write(args.out, "fm-small", f"c{c}", f"{i}.png", x[i])
+    train = data.load_dataset("fashion-mnist", args.data_root, "train", image_size=28)
+    x, y = train.images[:, 0].numpy(), train.labels.numpy()                    # [60000, 28, 28], [60000]
+    rng = np.random.default_rng(2026)
+    tail = np.round(400 * 0.1 ** (np.arange(10) / 9)).astype(int)             # 400 ... 40
+    for name, counts in (("fm-tail2", tail), ("fm-step", [300] * 5 + [60] * 5)):
+        for c, n in zip(rng.permutation(10), counts):
+            for i in rng.permutation(np.where(y == c)[0])[:n]:
+                write(args.out, name, f"c{c}", f"{i}.png", x[i])
+    textures = make_synthetic("train", 5000, seed=5)
+    x, y = textures.images.permute(0, 2, 3, 1).numpy(), textures.labels.numpy()   # [5000, 32, 32, 3] uint8
+    rng = np.random.default_rng(99)
+    for c, n in zip(rng.permutation(10), tail):                                # tex-tail
+        for i in rng.permutation(np.where(y == c)[0])[:n]:
+            write(args.out, "tex-tail", f"c{c}", f"{i}.png", x[i])
     for name in NAMES:
         folder = os.path.join(args.out, name)
         sizes = {c: len(os.listdir(os.path.join(folder, c))) for c in sorted(os.listdir(folder))}

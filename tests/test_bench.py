@@ -187,8 +187,14 @@ def test_folders(tmp_path):
     assert torch.bincount(small.labels).tolist() == [150] * 10 and small.images.shape[1:] == (1, 28, 28)
     digits = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'digits'}", image_size=32)
     assert len(digits.images) == 1797 and len(digits.classes) == 10
+    geometric = [400, 310, 240, 186, 144, 111, 86, 67, 52, 40]                 # 400 * 0.1 ** (k / 9)
+    for name, size, sizes in [("fm-tail2", (1, 28, 28), geometric), ("fm-step", (1, 28, 28), [300] * 5 + [60] * 5),
+                              ("tex-tail", (3, 32, 32), geometric)]:
+        folder = data.load_dataset(f"imagefolder:{tmp_path / 'a' / name}", image_size=size[-1])
+        assert sorted(torch.bincount(folder.labels).tolist(), reverse=True) == sizes, name
+        assert folder.images.shape[1:] == size and len(folder.classes) == 10, name
     run([sys.executable, "bench/folders.py", str(tmp_path / "b")])
-    for name in ("fm-tail", "fm-small", "fm-rgb"):
+    for name in ("fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail"):
         a, b = (tmp_path / r / name / "c1" for r in "ab")
         assert sorted(os.listdir(a)) == sorted(os.listdir(b))
         assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)[:20])

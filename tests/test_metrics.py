@@ -127,6 +127,13 @@ def test_evaluate_reports_everything_and_ignores_unknown_labels():
     assert metrics.evaluate([0, 1], [-1, -1]) == {"K": 2, "n": 0}
 
 
+def test_report_warns_of_empty_clusters_in_words():
+    probs = torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 2]), 4).float()  # clusters 1 and 3 hold nothing
+    res, text = metrics.report(probs, torch.tensor([0, 0, 1, 1]), ["a", "b"], "t")
+    assert res["K"] == 2 and "WARNING: 2 of the 4 clusters hold none of these 4 images" in text
+    assert "WARNING" not in metrics.report(probs[:, [0, 2]], torch.tensor([0, 0, 1, 1]), ["a", "b"], "t")[1]
+
+
 def test_neighbor_acc_and_ratio_edge_intra_class():
     labels = np.array([0, 0, 0, 1])
     indices = np.array([[1, 3], [0, 2], [3, 3], [0, 1]])

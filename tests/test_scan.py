@@ -391,7 +391,7 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert scan.parse_args(["--quick"]).threshold_rule == "per-cluster"                    # the CPU network's
     assert scan.parse_args([]).threshold_rule == "fixed"                                   # SCAN's, with ResNet-18
     assert scan.parse_args(["--quick", "--threshold-rule", "fixed"]).threshold_rule == "fixed"
-    assert scan.parse_args(["--quick"]).entropy_weight == 2.0 and scan.parse_args([]).entropy_weight == 5.0
+    assert scan.parse_args(["--quick"]).entropy_weight == 0.5 and scan.parse_args([]).entropy_weight == 5.0
     assert scan.parse_args(["--quick"]).pretext_batch_size is None and scan.parse_args([]).pretext_batch_size == 512
     assert scan.parse_args(["--quick", "--pretext-batch-size", "100"]).pretext_batch_size == 100
     assert scan.parse_args(["--arch", "smallcnn"]).entropy_weight == 5.0                # full SCAN epochs: the paper's
@@ -400,18 +400,23 @@ def test_explicit_flags_win_over_quick_and_dataset_presets():
     assert (args.pretext_split, args.train_split, args.selflabel_epochs) == ("train+unlabeled", "train", 100)
 
 
-def test_entropy_weight_5_prefers_splitting_a_large_cluster_2_keeps_it():
-    """Why --quick's lambda is 2: 50 + 10 images in two groups, each image's neighbours in its own group. The
-    true partition, confident (sizes 5:1), against predictions (0.6, 0.4) for the large group: balanced on average
-    (Eq. (2)'s entropy term at its maximum, ln 2), at the cost of consistency. lambda = 5 ranks the second lower."""
-    group = torch.tensor([0] * 50 + [1] * 10)
+@pytest.mark.parametrize("large,split_at,kept_at", [(50, 5.0, 2.0), (100, 2.0, 0.5)])
+def test_a_lower_entropy_weight_keeps_a_larger_class_whole(large, split_at, kept_at):
+    """Why --quick's lambda is 0.5: two groups of `large` and 10 images, each image's neighbours in its own group.
+    The true partition, confident, against soft predictions for the large group that balance the clusters on
+    average (Eq. (2)'s entropy term at its maximum, ln 2) at the cost of consistency. At 5:1, lambda 5 ranks the
+    split lower and 2 the true one; at 10:1 (the imbalanced check folders' ratio) 2 splits too, and 0.5 keeps it."""
+    group = torch.tensor([0] * large + [1] * 10)
     ring = lambda start, n: [[start + (i + d) % n for d in (-2, -1, 1, 2)] for i in range(n)]
-    neighbor_idx = torch.tensor(ring(0, 50) + ring(50, 10))                   # [60, 4], inside each group
-    true = torch.nn.functional.one_hot(group, 2).float() * 30                   # logits [60, 2]
+    neighbor_idx = torch.tensor(ring(0, large) + ring(large, 10))             # [N, 4], inside each group
+    true = torch.nn.functional.one_hot(group, 2).float() * 30                   # logits [N, 2]
     soft = true.clone()
-    soft[:50] = torch.tensor([0.6, 0.4]).log()
-    logits = torch.stack([true, soft])                                          # [2 candidates, 60, 2]
-    for weight, better in [(5.0, 1), (2.0, 0)]:
+    share = (large + 10) / 2 / large                                            # cluster 0's share of the large group
+    soft[:large] = torch.tensor([share, 1 - share]).log()
+    logits = torch.stack([true, soft])                                          # [2 candidates, N, 2]
+    mean_p = logits.softmax(2).mean(1)                                          # [2, 2]
+    assert torch.allclose(mean_p[1], torch.tensor([0.5, 0.5]), atol=1e-3)     # the soft one: balanced clusters
+    for weight, better in [(split_at, 1), (kept_at, 0)]:
         assert int(scan.head_losses(None, None, neighbor_idx, weight, logits=logits).argmin()) == better
 
 
