@@ -271,10 +271,11 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     for head in fits[0][1]:                                                    # the fit reproduces a k-means partition
         assert max(metrics.cluster_acc(head, k_means) for k_means in partitions) > 0.9
     assert (fits[200][0] < fits[0][0]).all()                                   # and Eq. (2) then goes down
+    torch.manual_seed(1)                                                       # the same 5 candidates as above
     model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(5)])
     scan.warm_up_heads(args, model, train, neighbor_idx, None)                 # 5 heads: all 5 candidates, best first
     losses = scan.head_losses(model, train, neighbor_idx, args.entropy_weight)
-    assert torch.equal(losses, losses.sort().values) and losses[0] <= fits[200][0].min() + 1e-6
+    assert torch.equal(losses, losses.sort().values) and torch.allclose(losses[:2], fits[200][0], atol=1e-6)
 
 
 def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
