@@ -54,8 +54,8 @@ PRESETS = {
     "stl10": dict(scan_epochs=100, selflabel_epochs=100, pretext_split="train+unlabeled"),
     # --quick: the SCAN stage is its warm-up alone (heads on fixed features): the network's epochs need more steps
     # than a quick run has to pay off. CHOICE: entropy weight 0.5, as SCAN's authors advise for imbalanced data: 5
-    # and 2 split the large classes of imbalanced folders (SCAN below k-means); 0.5 cost 0-2.6 points on balanced
-    # ones (RESULTS.md). Pretext batch None: runtime.batch_for, ~16 steps an epoch (256 left small folders untrained).
+    # and 2 split the large classes of imbalanced folders (SCAN below k-means); 0.5 costs a little on balanced ones
+    # (RESULTS.md). Pretext batch None: runtime.batch_for, ~16 steps an epoch (256 left small folders untrained).
     "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=None, pretext_lr=0.2,
                   scan_epochs=0, warmup_steps=2000, entropy_weight=0.5, selflabel_epochs=1, selflabel_batch_size=500),
     "quick-imagefolder": dict(image_size=32),

@@ -38,6 +38,13 @@ def write(out, name, label, file, array):
     Image.fromarray(array).save(os.path.join(out, name, label, file))
 
 
+def draw(out, name, images, labels, classes, counts, rng):
+    """Folder `name`: counts[j] images of class classes[j], drawn at random (rng) from images [N, H, W(, 3)]."""
+    for c, n in zip(classes, counts):
+        for i in rng.permutation(np.where(labels == c)[0])[:n]:
+            write(out, name, f"c{c}", f"{i}.png", images[i])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help=f"folder to write {', '.join(NAMES)} into (none may exist yet)")
@@ -60,28 +67,18 @@ def main():
             foreground, background = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
             rgb = (shape * foreground + (1 - shape) * background) * 255
             write(args.out, "fm-rgb", f"c{c}", f"{i}.png", rgb.clip(0, 255).astype(np.uint8))
-    counts = np.round(300 * 0.775 ** np.arange(10)).astype(int)                # 300 ... 30
-    for c, n in zip(rng.permutation(10), counts):                              # fm-tail
-        for i in rng.permutation(np.where(y == c)[0])[:n]:
-            write(args.out, "fm-tail", f"c{c}", f"{i}.png", x[i])
-    rng = np.random.default_rng(7)                                             # fm-small: 150 of each class
-    for c in range(10):
-        for i in rng.permutation(np.where(y == c)[0])[:150]:
-            write(args.out, "fm-small", f"c{c}", f"{i}.png", x[i])
+    draw(args.out, "fm-tail", x, y, rng.permutation(10), np.round(300 * 0.775 ** np.arange(10)).astype(int), rng)
+    draw(args.out, "fm-small", x, y, range(10), [150] * 10, np.random.default_rng(7))
     train = data.load_dataset("fashion-mnist", args.data_root, "train", image_size=28)
     x, y = train.images[:, 0].numpy(), train.labels.numpy()                    # [60000, 28, 28], [60000]
     rng = np.random.default_rng(2026)
     tail = np.round(400 * 0.1 ** (np.arange(10) / 9)).astype(int)             # 400 ... 40
-    for name, counts in (("fm-tail2", tail), ("fm-step", [300] * 5 + [60] * 5)):
-        for c, n in zip(rng.permutation(10), counts):
-            for i in rng.permutation(np.where(y == c)[0])[:n]:
-                write(args.out, name, f"c{c}", f"{i}.png", x[i])
+    draw(args.out, "fm-tail2", x, y, rng.permutation(10), tail, rng)
+    draw(args.out, "fm-step", x, y, rng.permutation(10), [300] * 5 + [60] * 5, rng)
     textures = make_synthetic("train", 5000, seed=5)
     x, y = textures.images.permute(0, 2, 3, 1).numpy(), textures.labels.numpy()   # [5000, 32, 32, 3] uint8
     rng = np.random.default_rng(99)
-    for c, n in zip(rng.permutation(10), tail):                                # tex-tail
-        for i in rng.permutation(np.where(y == c)[0])[:n]:
-            write(args.out, "tex-tail", f"c{c}", f"{i}.png", x[i])
+    draw(args.out, "tex-tail", x, y, rng.permutation(10), tail, rng)
     for name in NAMES:
         folder = os.path.join(args.out, name)
         sizes = {c: len(os.listdir(os.path.join(folder, c))) for c in sorted(os.listdir(folder))}
