@@ -269,6 +269,13 @@ def resize(images, size, chunk=4096):
     return out
 
 
+def pixel_vectors(images, size=32):
+    """uint8 [N, C, H, W] -> float [N, C * s * s] on images' device, s = min(H, size): the raw pixels as vectors for a
+    neighbour search, larger images resized down first (bounds the search's cost: 3,072 values for 96-px RGB)."""
+    small = images if images.shape[-1] <= size else resize(images.cpu(), size).to(images.device)
+    return small.flatten(1).float()
+
+
 def channel_stats(images, chunk=4096):
     """Exact per-channel mean and std in [0, 1] of uint8 [N, C, H, W] images, from a histogram of the 256 values."""
     counts = torch.zeros(images.shape[1], 256, dtype=torch.float64)

@@ -41,7 +41,7 @@ import data
 import metrics
 import runtime
 from augment import normalize, simclr_augment, strong_augment
-from knn import knn, whitening
+from knn import knn, search_space
 from runtime import UsageError, at_least, batches, gather, predict, say
 
 SCRIPT = "profeat.py"
@@ -57,7 +57,7 @@ PRESETS = {
     "stl10-ensemble": dict(iterations=300),
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
                   pretext_batch_size=None, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
-                  selflabel_epochs=1, selflabel_batch_size=500),
+                  selflabel_epochs=1, selflabel_batch_size=500, mine_pixels=True),
     "quick-imagefolder": dict(image_size=32),
     "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # scan.py's, but one threshold: measured (RESULTS.md)
 }
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
+    a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--scan-epochs", type=at_least(0), default=50, help="SCAN epochs of each clustering step (after the warm-up)")
     a("--scan-batch-size", type=pos, default=128, help="SCAN batch: anchors, as many neighbours (--arch smallcnn: 48)")
@@ -340,7 +341,7 @@ CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset"
                "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "mine_features", "num_heads",
                "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only",
                "carry_h", "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
-               "weight_decay", "seed", "whiten", "threshold_rule"]
+               "weight_decay", "seed", "whiten", "mine_pixels", "threshold_rule"]
 OWN_FILES = r"it\d{3}_m\d+_(pretext|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv" \
             r"|prototypes\.png|predict-.+\.(csv|png))(\.tmp)?"
 
@@ -594,8 +595,8 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     """Mine neighbours (the paper: in p(g(x)); here in g(x)); train h on g' = a copy of g with Eq. (2) (scan.py's SCAN
     stage), then self-label if asked. g is untouched. previous: the last (model, head)."""
     net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
-    train_z = F.normalize(predict(net, train.images, train.mean, train.std), dim=1)   # [N, d]
-    train_z = whitening(train_z)(train_z) if args.whiten else train_z           # CHOICE: see scan.py's mine()
+    pixels = data.pixel_vectors(train.images) if args.mine_pixels else None    # CHOICE: see scan.py's mine()
+    train_z = search_space(predict(net, train.images, train.mean, train.std), pixels, args.whiten)   # [N, d (+ D)]
     _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, M]
     info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())} if (train.labels >= 0).all() \
         else {}                                                                # (scan.py also compares with pixels)

@@ -11,7 +11,7 @@ The paper's Algorithm 1, one stage per function below, each saved to --out-dir a
 
   1. pretext    SimCLR: a backbone + MLP head learns to match two augmented views of an image (NT-Xent).
   2. mine       the K = 20 nearest neighbours of every image in that embedding (here: the backbone's features,
-                PCA-whitened); the "pretext + k-means" baseline.
+                PCA-whitened; --quick: and the raw pixels); the "pretext + k-means" baseline.
   3. scan       clustering heads trained with Eq. (2): an image and its neighbours should get the same cluster,
                 and all clusters should be used.
   4. selflabel  fine-tune on the confident predictions (max prob > 0.99; on the small CNN lowered for clusters
@@ -29,6 +29,7 @@ import sys
 
 signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C while torch loads (seconds): quietly, status 130
 
+import argparse
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import data
 import metrics
 import runtime
 from augment import normalize, simclr_augment, strong_augment
-from knn import knn, whitening
+from knn import knn, pixel_check, search_space
 from runtime import UsageError, at_least, batches, gather, predict, say
 
 SCRIPT = "scan.py"
@@ -56,8 +57,10 @@ PRESETS = {
     # than a quick run has to pay off. CHOICE: entropy weight 0.5, as SCAN's authors advise for imbalanced data: 5
     # and 2 split the large classes of imbalanced folders (SCAN below k-means); 0.5 costs a little on balanced ones
     # (RESULTS.md). Pretext batch None: runtime.batch_for, ~16 steps an epoch (256 left small folders untrained).
+    # CHOICE: mine on the pixels too: six epochs' neighbours are less pure than the whitened pixels' (RESULTS.md).
     "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=None, pretext_lr=0.2,
-                  scan_epochs=0, warmup_steps=2000, entropy_weight=0.5, selflabel_epochs=1, selflabel_batch_size=500),
+                  scan_epochs=0, warmup_steps=2000, entropy_weight=0.5, selflabel_epochs=1, selflabel_batch_size=500,
+                  mine_pixels=True),
     "quick-imagefolder": dict(image_size=32),
     # The CPU network's short schedules: NT-Xent at 0.2 gave purer neighbours than 0.1 on every data set measured
     # (RESULTS.md); 0.1 is the paper's for ResNet-18 and 500 epochs. SCAN batch 48 as SCAN's own MNIST config: at a
@@ -86,6 +89,7 @@ def parse_args(argv=None):
     a("--num-neighbors", type=pos, default=20, help="K neighbours mined per image")
     a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
+    a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
     a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
@@ -334,7 +338,7 @@ def evaluate(probs, labels, classes, title):
 STAGE_KEYS = {
     "pretext": ["dataset", "pretext_split", "image_size", "arch", "width", "seed", "pretext_epochs",
                 "pretext_batch_size", "pretext_lr", "weight_decay", "temperature", "crop_min"],
-    "mine": ["train_split", "subset", "num_neighbors", "mine_features", "whiten"],
+    "mine": ["train_split", "subset", "num_neighbors", "mine_features", "whiten", "mine_pixels"],
     "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps",
              "entropy_weight", "update_head_only", "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b"],
     "selflabel": ["selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
@@ -412,19 +416,27 @@ def mine(args, model, train, test):
     own neighbours, and the "pretext + k-means" rows of SCAN's Table 1 on the projection and on the backbone features
     (both L2-normalised, fit on train, scored on test). CHOICE: SCAN mines in the projection space; --mine-features
     backbone (the default) mines in the backbone's, where the heads work and where the neighbours measured purer at
-    our budgets, and PCA-whitens them first (knn.whitening; --no-whiten: SCAN's plain cosine), which made the
-    neighbours purer on every data set measured (RESULTS.md). The k-means rows stay on the L2-normalised features.
-    Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
+    our budgets, and PCA-whitens them first (knn.search_space; --no-whiten: SCAN's plain cosine), which made the
+    neighbours purer on every data set measured (RESULTS.md). --mine-pixels (--quick's) searches those features and
+    the raw pixels, whitened alike, together (the mean of the two cosines): six epochs' pretext neighbours measured
+    less pure than the pixels' on grayscale folders, and the two together purer than either; on textures, where the
+    pixels know little, a little less pure than the pretext's (RESULTS.md). The k-means rows stay on the
+    L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
     feats = {}
     for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
         feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
-    train_z = feats[args.mine_features][0]
-    train_z = whitening(train_z)(train_z) if args.whiten else train_z         # CHOICE (not in SCAN): docstring
+    train_z = search_space(feats[args.mine_features][0], whiten=args.whiten)  # CHOICE (not in SCAN): docstring
     ckpt = load(args, "mine")
     if ckpt is not None:
         return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z
-    _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, K]
-    info = pixel_check(args, train, neighbor_idx) if args.pixel_check > 0 else {}
+    pixels = data.pixel_vectors(train.images)                                 # [N, C * h * w], at most 32 px
+    search_z = search_space(feats[args.mine_features][0], pixels, args.whiten) if args.mine_pixels else train_z
+    _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, K]
+    anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
+    info, lines = pixel_check(neighbor_idx, pixels, train.labels, anchors,
+                              train_z if args.mine_pixels else None) if args.pixel_check > 0 else ({}, [])
+    for line in lines:
+        say(f"[mine] {line}")
     rows = []
     for name, (fit_z, test_z) in feats.items():                                # L2-normalised, not whitened
         _, centroids = kmeans(fit_z, args.num_clusters, seed=args.seed)
@@ -435,34 +447,6 @@ def mine(args, model, train, test):
     runtime.save_checkpoint(os.path.join(args.out_dir, "mine.pt"), SCRIPT, "mine", stage_config(args, "mine"),
                             neighbor_idx=neighbor_idx.cpu(), rows=rows, complete=True)
     return neighbor_idx, rows, train_z
-
-
-def pixel_check(args, train, neighbor_idx):
-    """Do the pretext's neighbours know more than the pixels? For a sample of train images: the share of their
-    pretext neighbours that are also their raw pixels' neighbours (cosine; pixels at most 32x32) and, with labels,
-    the neighbour accuracy of both. SCAN learns to agree with its neighbours: where the pixels' are purer, expect
-    SCAN to do no better than clustering the pixels."""
-    K = neighbor_idx.shape[1]
-    anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
-    pixels = (train.images if train.images.shape[-1] <= 32 else data.resize(train.images, 32)).flatten(1).float()
-    _, pixel_idx = knn(pixels[anchors.to(args.device)], pixels, k=K + 1, exclude_self=False)  # [A, K + 1]
-    pixel_idx = pixel_idx.gather(1, (pixel_idx.cpu() == anchors[:, None]).int().argsort(dim=1, stable=True)[:, :K]
-                                 .to(args.device)).cpu()                       # the K nearest other images
-    ours, labels = neighbor_idx[anchors.to(args.device)].cpu(), train.labels.cpu()
-    info = {"pixel_agreement": metrics.neighbor_agreement(ours, pixel_idx)}
-    say(f"[mine] {100 * info['pixel_agreement']:.0f}% of the pretext's {K} neighbours are also the raw pixels' "
-        f"(over {len(anchors)} images)")
-    if (labels >= 0).all():
-        for k in sorted({5, K}):
-            info[f"neighbor_acc_top{k}"] = metrics.neighbor_acc(ours[:, :k], labels, anchors)
-            info[f"pixel_neighbor_acc_top{k}"] = metrics.neighbor_acc(pixel_idx[:, :k], labels, anchors)
-            say(f"[mine] top-{k} neighbours with the anchor's label: pretext {info[f'neighbor_acc_top{k}']:.3f}, "
-                f"raw pixels {info[f'pixel_neighbor_acc_top{k}']:.3f}")
-        if info[f"neighbor_acc_top{K}"] < info[f"pixel_neighbor_acc_top{K}"]:
-            say("[mine] WARNING: the pretext's neighbours are less pure than the raw pixels'. SCAN learns to agree "
-                "with its neighbours, so a longer pretext (--pretext-epochs) or another augmentation would help more "
-                "than a longer SCAN stage.")
-    return info
 
 
 def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbor_z=None):

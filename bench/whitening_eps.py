@@ -8,9 +8,11 @@ top-5 / top-20 neighbours (knn.knn) that carry its label (metrics.neighbor_acc; 
   - none: no whitening, the L2-normalised features (SCAN's cosine);
   - auto: knn.whitening's default, eps = d / N;
   - a number: that eps (relative to the largest eigenvalue).
-The raw pixels (images above 32 px resized to 32, as scan.py's pixel check) are measured the same way, plain and
-whitened (auto). The row with the run's own setting is checked against the graph its mine stage saved: the share of
-its neighbours that are also there (100%, up to ties that rounding orders differently). A row per run, then mean +-
+The raw pixels (data.pixel_vectors: images above 32 px resized to 32, as scan.py's) are measured the same way, plain
+and whitened (auto), and so are the features and the pixels together, each whitened as the run did (the mean of the
+two cosines: scan.py --mine-pixels, --quick's default). The row with the run's own setting is checked against the
+graph its mine stage saved: the share of its neighbours that are also there (100%, up to ties that rounding orders
+differently). A row per run, then mean +-
 std (sample std) over the runs.
 
     python bench/whitening_eps.py runs/fm-s0 runs/fm-s1 runs/fm-s2 --eps none 1e-3 1e-2 auto
@@ -90,18 +92,19 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    t_start, table, pixel_rows = time.time(), {}, {}     # (pixels?, eps) -> [(top-5, top-20) per run]; split -> rows
+    t_start, table, pixel_rows = time.time(), {}, {}  # (features, eps) -> [(top-5, top-20) per run]; split -> rows
     name = lambda eps: "none" if eps is None else "auto" if eps == "auto" else f"{eps:g}"
     print("| run | features | eps | top-5 | top-20 | scan.py's graph |\n|---|---|---|---:|---:|---|")
     for out_dir in args.out_dirs:
         config, train, z, mined = load_run(out_dir, args.data_root)
         K = mined.shape[1]
         own = "auto" if config["whiten"] else None                             # the eps scan.py used
-        images = train.images if train.images.shape[-1] <= 32 else data.resize(train.images, 32)
-        pixels = F.normalize(images.flatten(1).float(), dim=1)
+        pixels = F.normalize(data.pixel_vectors(train.images), dim=1)
+        both = torch.cat([whitening(x)(x) if own else x for x in (z, pixels)], 1)     # scan.py --mine-pixels' space
         split = tuple(config[k] for k in ("dataset", "train_split", "image_size", "subset")) + (
             config["seed"] if config["subset"] else None,)                     # the pixels' rows: once per split
-        for features, x, eps_list in [(config["mine_features"], z, args.eps), ("raw pixels", pixels, [None, "auto"])]:
+        for features, x, eps_list in [(config["mine_features"], z, args.eps), ("raw pixels", pixels, [None, "auto"]),
+                                      (config["mine_features"] + " + pixels", both, [None])]:
             for eps in eps_list:
                 if x is pixels and (split, eps) in pixel_rows:
                     top5, top20 = pixel_rows[split, eps]
@@ -110,15 +113,18 @@ def main():
                     top5, top20 = (metrics.neighbor_acc(idx[:, :k], train.labels) for k in (5, 20))
                     if x is pixels:
                         pixel_rows[split, eps] = (top5, top20)
-                table.setdefault((features == "raw pixels", name(eps)), []).append((top5, top20))
-                same = metrics.neighbor_agreement(idx[:, :K].cpu(), mined) if x is z and eps == own else None
+                label = "pretext" + " + pixels" * (x is both) if x is not pixels else "raw pixels"
+                eps = own if x is both else eps                                # both: as the run whitened
+                table.setdefault((label, name(eps)), []).append((top5, top20))
+                ours = (x is both) if config.get("mine_pixels") else (x is z and eps == own)
+                same = metrics.neighbor_agreement(idx[:, :K].cpu(), mined) if ours else None
                 print(f"| {out_dir} | {features} | {name(eps)} | {top5:.3f} | {top20:.3f} | "
                       + (f"{100 * same:.2f}% the same |" if same is not None else "|"), flush=True)
     if len(args.out_dirs) > 1:
         print(f"\nmean ± std over {len(args.out_dirs)} runs (sample std):\n\n| features | eps | top-5 | top-20 |\n"
               "|---|---|---:|---:|")
-        for (is_pixels, eps), rows in table.items():
-            print(f"| {'raw pixels' if is_pixels else 'pretext'} | {eps} | {mean_std([r[0] for r in rows])} | "
+        for (label, eps), rows in table.items():
+            print(f"| {label} | {eps} | {mean_std([r[0] for r in rows])} | "
                   f"{mean_std([r[1] for r in rows])} |")
     print(f"\nwall time {time.time() - t_start:.0f} s")
 

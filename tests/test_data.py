@@ -430,3 +430,12 @@ def test_failed_download_becomes_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)  # no real network access in the test
     with pytest.raises(data.DataError, match=r"'cifar10'.*downloading it failed \(URLError.*cifar-10-python\.tar\.gz"):
         data.load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_pixel_vectors_keep_small_images_and_resize_larger_ones_to_32():
+    g = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=g)
+    big = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
+    assert torch.equal(data.pixel_vectors(small), small.flatten(1).float())              # [3, 784]
+    assert torch.equal(data.pixel_vectors(big), data.resize(big, 32).flatten(1).float())  # [3, 3072]
+    assert data.pixel_vectors(big).shape == (3, 3 * 32 * 32)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import profeat
 import runtime
 import scan
+from knn import whitening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run: --quick on 16x16 synthetic images, 300 of them (seconds).
@@ -56,6 +57,12 @@ def test_self_labelling_keeps_scans_one_threshold_unless_asked():
     assert profeat.parse_args(["--quick"]).threshold_rule == "fixed" == profeat.parse_args([]).threshold_rule
     assert profeat.parse_args(["--quick", "--threshold-rule", "per-cluster"]).threshold_rule == "per-cluster"
     assert scan.parse_args(["--quick"]).threshold_rule == "per-cluster"
+
+
+def test_quick_mines_on_the_pixels_too_as_scan_does_unless_asked_not_to():
+    assert profeat.parse_args(["--quick"]).mine_pixels and scan.parse_args(["--quick"]).mine_pixels
+    assert not profeat.parse_args([]).mine_pixels
+    assert not profeat.parse_args(["--quick", "--no-mine-pixels"]).mine_pixels
 
 
 def test_confident_groups_filter_by_t_s_and_group_by_cluster():
@@ -197,6 +204,7 @@ def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypat
     args, train, test, g_model = tiny_setup
     args = copy.copy(args)
     args.out_dir, args.scan_epochs, args.selflabel_epochs, args.warmup_steps = str(tmp_path), 1, 0, 0
+    args.mine_pixels = False                                                   # the features alone (pixels: below)
     before, seen = state(g_model), {}
     original = profeat.train_scan
 
@@ -206,7 +214,7 @@ def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypat
     monkeypatch.setattr(profeat, "train_scan", spy)
     feats = F.normalize(runtime.predict(g_model.backbone, train.images, train.mean, train.std), dim=1)
     model, head, info = profeat.clustering_step(args, 1, 0, g_model, train, test, None)
-    whitened = profeat.whitening(feats)(feats)                                 # mined on g(x), PCA-whitened
+    whitened = whitening(feats)(feats)                                         # mined on g(x), PCA-whitened
     assert torch.equal(seen["neighbor_idx"], profeat.knn(whitened, k=args.num_neighbors)[1])
     assert not torch.equal(seen["neighbor_idx"], profeat.knn(feats, k=args.num_neighbors)[1])
     g_backbone = {k[len("backbone."):]: v for k, v in before.items() if k.startswith("backbone.")}
@@ -216,6 +224,24 @@ def test_clustering_step_trains_a_copy_and_never_touches_g(tiny_setup, monkeypat
     assert seen["g_prime"] is not g_model.backbone and model.backbone is seen["g_prime"]
     assert any(not torch.equal(v, g_backbone[k]) for k, v in state(seen["g_prime"]).items())  # g' was trained
     assert 0 <= head < args.num_heads and "neighbor_acc" in info
+
+
+def test_clustering_step_with_mine_pixels_mines_on_the_features_and_the_pixels(tiny_setup, monkeypatch, tmp_path):
+    args, train, test, g_model = tiny_setup
+    seen = {}
+    monkeypatch.setattr(profeat, "train_scan", lambda args_, stage, model, neighbor_idx, *rest: (
+        seen.setdefault(args_.mine_pixels, neighbor_idx), (model, 0))[1])   # the graph it was given, nothing trained
+    for mine_pixels in (False, True):
+        run = copy.copy(args)
+        run.out_dir, run.selflabel_epochs, run.mine_pixels = str(tmp_path), 0, mine_pixels
+        profeat.clustering_step(run, 1, 0, g_model, train, test, None)
+    feats = F.normalize(runtime.predict(g_model.backbone, train.images, train.mean, train.std).double(), dim=1)
+    pixels = F.normalize(train.images.flatten(1).double(), dim=1)              # 16 px: not resized
+    white = lambda x: whitening(x.float())(x.float()).double()
+    sim = (white(feats) @ white(feats).T + white(pixels) @ white(pixels).T) / 2   # the mean of the two cosines
+    naive = sim.fill_diagonal_(-2).topk(args.num_neighbors, dim=1).indices
+    same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(seen[True], naive)]
+    assert sum(same) >= 0.98 * len(same) and not torch.equal(seen[True], seen[False])
 
 
 @pytest.mark.parametrize("carry", [False, True])
