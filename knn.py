@@ -9,7 +9,6 @@ before it:
     dist, idx = knn(test_feats, train_feats, k=5, metric="l2")
     whiten = whitening(features); knn(whiten(features))   # on whitened features
     knn(search_space(features, pixels))                     # and the raw pixels beside them, as scan.py mines
-    info, lines = pixel_check(neighbor_idx, pixels, labels, anchors)   # do the mined neighbours beat the pixels'?
 
 Nearly all the time is the matrix product, so two things matter:
 
@@ -38,8 +37,6 @@ the answer never depends on how `topk` orders equal values.
 """
 
 import torch
-
-import metrics
 
 GROUP = 32      # columns per group for the row-side top-k
 ROW_GROUP = 8   # rows per group for the column-side threshold test
@@ -139,42 +136,10 @@ def whitening(x, eps=None):
 def search_space(z, pixels=None, whiten=True):
     """The space scan.py and profeat.py mine neighbours in: features z [N, d], PCA-whitened (whitening) unless whiten
     is False, and with pixels [N, D] (--mine-pixels) the raw pixels beside them, whitened alike. Each part is
-    L2-normalised and the whole divided by sqrt(parts), so the cosine of two rows is the mean of the parts' cosines."""
+    L2-normalised and the whole divided by sqrt(parts), so the cosine of two rows is the mean of the parts' cosines.
+    Returns [N, d (+ D)], the features' part first."""
     parts = [torch.nn.functional.normalize(x.float(), dim=1) for x in ([z] if pixels is None else [z, pixels])]
     return torch.cat([whitening(x)(x) if whiten else x for x in parts], 1) / len(parts) ** 0.5   # [N, d (+ D)]
-
-
-def pixel_check(neighbor_idx, pixels, labels, anchors, pretext_z=None):
-    """Do the mined neighbours know more than the pixels? neighbor_idx [N, K]: the mined graph; pixels [N, D]: the raw
-    pixels as vectors; labels [N] (-1: unknown); anchors [A]: the sample of images checked; pretext_z [N, d]: the
-    pretext's features when the graph was mined on them and the pixels together (--mine-pixels). Gives the share of
-    the mined neighbours that are also the pixels' cosine neighbours and, with labels, the neighbour accuracy of each
-    graph at top-5 and top-K. Returns (info, lines to print): SCAN learns to agree with its neighbours, so where the
-    pixels' are purer, expect it to do no better than clustering the pixels, and a line says so."""
-    K, anchors, labels = neighbor_idx.shape[1], anchors.cpu(), labels.cpu()
-
-    def others(z):  # [N, D] -> the K nearest other images of each anchor by cosine, [A, K]
-        idx = knn(z[anchors.to(z.device)], z, k=K + 1, exclude_self=False)[1].cpu()   # [A, K + 1]
-        return idx.gather(1, (idx == anchors[:, None]).int().argsort(dim=1, stable=True)[:, :K])
-    found = {"mined": neighbor_idx[anchors.to(neighbor_idx.device)].cpu(),
-             **({"pretext": others(pretext_z)} if pretext_z is not None else {}), "raw pixels": others(pixels)}
-    names = {"mined": ("", "pretext + pixels" if pretext_z is not None else "pretext"),   # (info key, printed)
-             "pretext": ("pretext_", "pretext"), "raw pixels": ("pixel_", "raw pixels")}
-    info = {"pixel_agreement": metrics.neighbor_agreement(found["mined"], found["raw pixels"])}
-    lines = [f"{100 * info['pixel_agreement']:.0f}% of the {K} mined neighbours are also the raw pixels' (over "
-             f"{len(anchors)} images)"]
-    if (labels >= 0).all():
-        for k in sorted({5, K}):
-            acc = {name: metrics.neighbor_acc(idx[:, :k], labels, anchors) for name, idx in found.items()}
-            info.update({f"{names[name][0]}neighbor_acc_top{k}": a for name, a in acc.items()})
-            lines.append(f"top-{k} neighbours with the anchor's label: " + ", ".join(
-                f"{names[name][1]} {a:.3f}" for name, a in acc.items()))
-        if acc.get("pretext", acc["mined"]) < acc["raw pixels"]:
-            lines.append("WARNING: the pretext's neighbours are less pure than the raw pixels'. SCAN learns to agree "
-                         "with its neighbours, so a longer pretext (--pretext-epochs) or another augmentation would "
-                         "help more than a longer SCAN stage" + ("." if pretext_z is not None else
-                                                                 ", and --mine-pixels would mine on both."))
-    return info, lines
 
 
 def _bounds(num_rows, world, step, triangle=False):

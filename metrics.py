@@ -9,6 +9,8 @@ into any codebase. Inputs may be numpy arrays, lists or torch tensors (moved to 
 - topk_acc:         clusters remapped by the Hungarian match, then top-k (SCAN's top-5).
 - neighbor_acc:     share of mined neighbours with the anchor's label (SCAN, Sec. 3.1 of the paper).
 - neighbor_agreement: share of one k-NN graph's neighbours that another graph shares (e.g. pretext vs pixels).
+- pixel_check:      do a mined graph's neighbours beat the raw pixels' own (scan.py's check after mining; searches
+                    with knn.py, so torch tensors in)?
 - ratio_edge_intra_class: k-NN graph quality of Caron's thesis (Sec. 4.1), mean over classes.
 - evaluate, report:  all of the above for one clustering; report() adds the confusion table as text.
 """
@@ -180,6 +182,40 @@ def neighbor_agreement(indices_a, indices_b):
     two neighbour graphs of the same images agree (1: the same neighbours)."""
     a, b = np.asarray(_to_numpy(indices_a)), np.asarray(_to_numpy(indices_b))
     return float((a[:, :, None] == b[:, None, :]).any(2).mean())
+
+
+def pixel_check(neighbor_idx, pixels, labels, anchors, pretext_z=None):
+    """Do the mined neighbours know more than the pixels? neighbor_idx [N, K]: the mined graph; pixels [N, D]: the raw
+    pixels as vectors; labels [N] (-1: unknown); anchors [A]: the sample of images checked; pretext_z [N, d]: the
+    pretext's features when the graph was mined on them and the pixels together (--mine-pixels). Gives the share of
+    the mined neighbours that are also the pixels' cosine neighbours and, with labels, the neighbour accuracy of each
+    graph at top-5 and top-K. Returns (info, lines to print): SCAN learns to agree with its neighbours, so where the
+    pixels' are purer, expect it to do no better than clustering the pixels, and a line says so."""
+    from knn import knn  # the one function here that searches (torch tensors); the module stays numpy/scipy
+    K, anchors, labels = neighbor_idx.shape[1], anchors.cpu(), labels.cpu()
+
+    def others(z):  # [N, D] -> the K nearest other images of each anchor by cosine, [A, K]
+        idx = knn(z[anchors.to(z.device)], z, k=K + 1, exclude_self=False)[1].cpu()   # [A, K + 1]
+        return idx.gather(1, (idx == anchors[:, None]).int().argsort(dim=1, stable=True)[:, :K])
+    found = {"mined": neighbor_idx[anchors.to(neighbor_idx.device)].cpu(),
+             **({"pretext": others(pretext_z)} if pretext_z is not None else {}), "raw pixels": others(pixels)}
+    names = {"mined": ("", "pretext + pixels" if pretext_z is not None else "pretext"),   # (info key, printed)
+             "pretext": ("pretext_", "pretext"), "raw pixels": ("pixel_", "raw pixels")}
+    info = {"pixel_agreement": neighbor_agreement(found["mined"], found["raw pixels"])}
+    lines = [f"{100 * info['pixel_agreement']:.0f}% of the {K} mined neighbours are also the raw pixels' (over "
+             f"{len(anchors)} images)"]
+    if (labels >= 0).all():
+        for k in sorted({5, K}):
+            acc = {name: neighbor_acc(idx[:, :k], labels, anchors) for name, idx in found.items()}
+            info.update({f"{names[name][0]}neighbor_acc_top{k}": a for name, a in acc.items()})
+            lines.append(f"top-{k} neighbours with the anchor's label: " + ", ".join(
+                f"{names[name][1]} {a:.3f}" for name, a in acc.items()))
+        if acc.get("pretext", acc["mined"]) < acc["raw pixels"]:
+            lines.append("WARNING: the pretext's neighbours are less pure than the raw pixels'. SCAN learns to agree "
+                         "with its neighbours, so a longer pretext (--pretext-epochs) or another augmentation would "
+                         "help more than a longer SCAN stage" + ("." if pretext_z is not None else
+                                                                 ", and --mine-pixels would mine on both."))
+    return info, lines
 
 
 def ratio_edge_intra_class(indices, labels):

@@ -43,7 +43,7 @@ import data
 import metrics
 import runtime
 from augment import normalize, simclr_augment, strong_augment
-from knn import knn, pixel_check, search_space
+from knn import knn, search_space
 from runtime import UsageError, at_least, batches, gather, predict, say
 
 SCRIPT = "scan.py"
@@ -425,15 +425,16 @@ def mine(args, model, train, test):
     feats = {}
     for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
         feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
-    train_z = search_space(feats[args.mine_features][0], whiten=args.whiten)  # CHOICE (not in SCAN): docstring
+    z = feats[args.mine_features][0]
+    pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
+    search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)  # CHOICE (not in SCAN): docstring
+    train_z = search_z[:, :z.shape[1]] * (2 ** 0.5 if args.mine_pixels else 1)    # the features' part, unit rows
     ckpt = load(args, "mine")
     if ckpt is not None:
         return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z
-    pixels = data.pixel_vectors(train.images)                                 # [N, C * h * w], at most 32 px
-    search_z = search_space(feats[args.mine_features][0], pixels, args.whiten) if args.mine_pixels else train_z
     _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, K]
     anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
-    info, lines = pixel_check(neighbor_idx, pixels, train.labels, anchors,
+    info, lines = metrics.pixel_check(neighbor_idx, pixels, train.labels, anchors,
                               train_z if args.mine_pixels else None) if args.pixel_check > 0 else ({}, [])
     for line in lines:
         say(f"[mine] {line}")

@@ -12,8 +12,7 @@ The raw pixels (data.pixel_vectors: images above 32 px resized to 32, as scan.py
 and whitened (auto), and so are the features and the pixels together, each whitened as the run did (the mean of the
 two cosines: scan.py --mine-pixels, --quick's default). The row with the run's own setting is checked against the
 graph its mine stage saved: the share of its neighbours that are also there (100%, up to ties that rounding orders
-differently). A row per run, then mean +-
-std (sample std) over the runs.
+differently). A row per run, then mean +- std (sample std) over the runs.
 
     python bench/whitening_eps.py runs/fm-s0 runs/fm-s1 runs/fm-s2 --eps none 1e-3 1e-2 auto
 """
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import data
 import metrics
 import scan
-from knn import knn, whitening
+from knn import knn, search_space, whitening
 from runtime import predict
 
 
@@ -100,7 +99,7 @@ def main():
         K = mined.shape[1]
         own = "auto" if config["whiten"] else None                             # the eps scan.py used
         pixels = F.normalize(data.pixel_vectors(train.images), dim=1)
-        both = torch.cat([whitening(x)(x) if own else x for x in (z, pixels)], 1)     # scan.py --mine-pixels' space
+        both = search_space(z, pixels, whiten=own is not None)                # scan.py --mine-pixels' space
         split = tuple(config[k] for k in ("dataset", "train_split", "image_size", "subset")) + (
             config["seed"] if config["subset"] else None,)                     # the pixels' rows: once per split
         for features, x, eps_list in [(config["mine_features"], z, args.eps), ("raw pixels", pixels, [None, "auto"]),

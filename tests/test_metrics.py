@@ -151,3 +151,37 @@ def test_bad_input_raises_clear_errors():
         metrics.nmi(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="at least one sample"):
         metrics.cluster_acc([], [])
+
+
+def test_pixel_check_against_brute_force_neighbours_and_accuracies():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (120, 48), generator=g).float()          # [N, C * h * w]
+    labels, pretext_z = torch.randint(0, 3, (120,), generator=g), torch.randn(120, 8, generator=g)
+    neighbor_idx = torch.stack([torch.randperm(120, generator=g)[:7] for _ in range(120)])   # any graph [N, 7]
+    anchors = torch.randperm(120, generator=g)[:40]
+    unit = lambda x: torch.nn.functional.normalize(x.double(), dim=1)        # brute force: float64 cosine, sorted
+    nearest = lambda x: (unit(x)[anchors] @ unit(x).T).sort(dim=1, descending=True, stable=True).indices[:, :8]
+    others = lambda x: torch.stack([row[row != a][:7] for row, a in zip(nearest(x), anchors)])   # [A, 7]
+    acc = lambda idx, k: (labels[idx[:, :k]] == labels[anchors, None]).double().mean().item()
+    mined, pixel_idx = neighbor_idx[anchors], others(pixels)
+    agree = np.mean([len(set(a.tolist()) & set(b.tolist())) / 7 for a, b in zip(mined, pixel_idx)])
+    for pretext in (None, pretext_z):
+        info, lines = metrics.pixel_check(neighbor_idx, pixels, labels, anchors, pretext)
+        assert info["pixel_agreement"] == pytest.approx(agree)
+        for k in (5, 7):
+            assert info[f"neighbor_acc_top{k}"] == pytest.approx(acc(mined, k))
+            assert info[f"pixel_neighbor_acc_top{k}"] == pytest.approx(acc(pixel_idx, k))
+        assert ("pretext_neighbor_acc_top7" in info) == (pretext is not None)
+        name = "pretext" if pretext is None else "pretext + pixels"
+        assert lines[2].startswith(f"top-7 neighbours with the anchor's label: {name} {acc(mined, 7):.3f}, ")
+        assert lines[2].endswith(f"raw pixels {acc(pixel_idx, 7):.3f}")
+    assert info["pretext_neighbor_acc_top7"] == pytest.approx(acc(others(pretext_z), 7))
+    # the WARNING: the pretext's own neighbours (the mined ones, or pretext_z's) less pure than the pixels'
+    own = torch.stack([torch.nonzero(labels == y).flatten()[:8] for y in labels])            # [N, 8], own label
+    own = torch.stack([row[row != i][:7] for i, row in enumerate(own)])                     # without itself
+    other = torch.stack([torch.nonzero(labels != y).flatten()[:7] for y in labels])          # [N, 7], other labels
+    assert not metrics.pixel_check(own, pixels, labels, anchors)[1][-1].startswith("WARNING")       # purity 1
+    assert metrics.pixel_check(other, pixels, labels, anchors)[1][-1].startswith("WARNING: the pretext's")   # purity 0
+    warned = metrics.pixel_check(own, pixels, labels, anchors, pretext_z)[1][-1].startswith("WARNING")
+    assert warned == (acc(others(pretext_z), 7) < acc(pixel_idx, 7))
+    assert len(metrics.pixel_check(own, pixels, labels - 1, anchors)[1]) == 1                # no labels: agreement
