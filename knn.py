@@ -80,11 +80,9 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
     if metric == "l2":
         # Every metric becomes "largest score first" inside one product: with q' = [q, -|q|^2/2, -1/2] and
         # x' = [x, 1, |x|^2], q'.x' = q.x - |q|^2/2 - |x|^2/2 = -|q - x|^2 / 2 (symmetric in q and x).
-        def augment(x, norm_col, one_col):
-            sq = x.pow(2).sum(1, keepdim=True)
-            return torch.cat([x, norm_col(sq), one_col(sq)], 1)
-        rows = augment(queries, lambda sq: -sq / 2, lambda sq: torch.full_like(sq, -0.5))
-        cols = augment(keys, torch.ones_like, lambda sq: sq)
+        q_sq, x_sq = queries.pow(2).sum(1, keepdim=True), keys.pow(2).sum(1, keepdim=True)   # [N, 1], [M, 1]
+        rows = torch.cat([queries, -q_sq / 2, torch.full_like(q_sq, -0.5)], 1)
+        cols = torch.cat([keys, torch.ones_like(x_sq), x_sq], 1)
     else:
         rows, cols = queries, keys
     # Pad the keys to whole groups; the padded columns' scores are set to -inf so they are never chosen.
@@ -115,15 +113,12 @@ def knn(queries, keys=None, k=20, metric="cosine", exclude_self=True, chunk_size
 
 
 def whitening(x, eps=None):
-    """PCA whitening fitted on the rows of x [N, d]: returns f with f(z) = normalize((z - mean) @ V (Lambda + eps *
-    lambda_max)^(-1/2)), where V, Lambda are the eigenvectors and eigenvalues of x's covariance. Cosine neighbours
-    of whitened features weigh every direction of variation alike instead of letting the few largest (brightness,
-    size, pose) decide; a known help in image retrieval (H. Jegou, O. Chum, "Negative evidences and co-occurences in
-    image retrieval: the benefit of PCA and whitening", ECCV 2012, https://hal.inria.fr/hal-00722622). eps, relative
-    to the largest eigenvalue, keeps the directions of little variance from being blown up; by default d / N: the
-    fewer rows per dimension, the less a small eigenvalue can be told from sampling noise (with d / N near 1 or more,
-    f is close to centring alone). The eigendecomposition runs on the CPU in float64 (small: [d, d]; no float64 on
-    every device)."""
+    """PCA whitening fitted on the rows of x [N, d]: f(z) = normalize((z - mean) @ V (Lambda + eps lambda_max)^-1/2),
+    V, Lambda the eigenvectors and eigenvalues of x's covariance. Cosine neighbours then weigh every direction of
+    variation alike, not the few largest (brightness, size, pose): H. Jegou, O. Chum, "Negative evidences and
+    co-occurences in image retrieval: the benefit of PCA and whitening", ECCV 2012, https://hal.inria.fr/hal-00722622.
+    eps keeps directions of little variance from being blown up; default d / N: with fewer rows per dimension a
+    small eigenvalue is likelier noise. The eigh runs on the CPU in float64."""
     eps = x.shape[1] / x.shape[0] if eps is None else eps
     mean = x.float().mean(0)                                                   # [d]
     centered = x.float() - mean
