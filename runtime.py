@@ -270,13 +270,19 @@ def lock(out_dir, script):
 
 
 def alive(pid):
+    """Whether process pid still runs. A zombie does not: it was killed and its parent has not reaped it yet (a
+    torchrun worker whose launcher was killed waits for init to reap it), so the lock it left is stale."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:                                   # "pid (name) state ..." on Linux
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return not os.path.isdir("/proc/self")                                 # gone since, or no /proc (macOS)
 
 
 def release_out_dir():

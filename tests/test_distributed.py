@@ -124,13 +124,19 @@ def launch(script, args, nproc, wait=True):
 
 
 def kill_every_process_with(text):
-    """SIGKILL every process whose command line contains text (torchrun starts its workers in sessions of their own)."""
+    """SIGKILL every process whose command line contains text (torchrun starts its workers in sessions of their own),
+    then wait until each has exited (a zombie has: runtime.alive)."""
+    killed = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if text in open(f"/proc/{pid}/cmdline").read().replace("\0", " "):
                 os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
         except (OSError, ProcessLookupError):
             pass
+    deadline = time.time() + 60
+    while any(runtime.alive(pid) for pid in killed) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("script,args", [("scan.py", SCAN_TINY), ("profeat.py", PROFEAT_TINY),

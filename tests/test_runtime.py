@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,6 +50,25 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     (out / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "script": "x"}))
     runtime.take_out_dir(str(out), "scan.py", OWN, restart=False)
     assert json.load(open(out / ".lock"))["pid"] == os.getpid()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombies are read from Linux's /proc")
+def test_a_lock_left_by_a_killed_process_not_yet_reaped_is_stale(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child.kill()                                                           # a zombie until waited for
+        for _ in range(500):
+            if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert runtime.alive(os.getpid()) and not runtime.alive(child.pid)
+        (out / ".lock").write_text(json.dumps({"pid": child.pid, "host": os.uname().nodename, "script": "x"}))
+        runtime.take_out_dir(str(out), "scan.py", OWN, restart=False)
+        assert json.load(open(out / ".lock"))["pid"] == os.getpid()
+    finally:
+        child.wait()
 
 
 def test_restart_removes_only_the_scripts_own_files(tmp_path):
