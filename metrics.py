@@ -187,10 +187,12 @@ def neighbor_agreement(indices_a, indices_b):
 def pixel_check(neighbor_idx, pixels, labels, anchors, pretext_z=None):
     """Do the mined neighbours know more than the pixels? neighbor_idx [N, K]: the mined graph; pixels [N, D]: the raw
     pixels as vectors; labels [N] (-1: unknown); anchors [A]: the sample of images checked; pretext_z [N, d]: the
-    pretext's features when the graph was mined on them and the pixels together (--mine-pixels). Gives the share of
-    the mined neighbours that are also the pixels' cosine neighbours and, with labels, the neighbour accuracy of each
-    graph at top-5 and top-K. Returns (info, lines to print): SCAN learns to agree with its neighbours, so where the
-    pixels' are purer, expect it to do no better than clustering the pixels, and a line says so."""
+    pretext's features when the graph was mined on them and the pixels together (--mine-pixels); scan.py gives both
+    as it searches them (whitened unless --no-whiten), so neither is compared in a space it is not mined in. Gives
+    the share of the mined neighbours that are also the pixels' cosine neighbours and, with labels, the neighbour
+    accuracy of each graph at top-5 and top-K. Returns (info, lines to print): SCAN learns to agree with its
+    neighbours, so where the pixels' are purer, expect it to do no better than clustering the pixels, and a line
+    says so."""
     from knn import knn  # the one function here that searches (torch tensors); the module stays numpy/scipy
     K, anchors, labels = neighbor_idx.shape[1], anchors.cpu(), labels.cpu()
 

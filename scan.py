@@ -429,6 +429,8 @@ def mine(args, model, train, test):
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)  # CHOICE (not in SCAN): docstring
     train_z = search_z[:, :z.shape[1]] * (2 ** 0.5 if args.mine_pixels else 1)    # the features' part, unit rows
+    if pixels is not None:  # the pixel check searches the pixels as the features are searched (whitened alike)
+        pixels = search_z[:, z.shape[1]:] * 2 ** 0.5 if args.mine_pixels else search_space(pixels, None, args.whiten)
     ckpt = load(args, "mine")
     if ckpt is not None:
         return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z

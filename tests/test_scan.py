@@ -244,6 +244,26 @@ def test_mine_searches_the_whitened_backbone_and_with_mine_pixels_the_pixels_too
     assert not torch.equal(found[True, True], found[True, False])            # and so did the pixels
 
 
+def test_the_pixel_check_searches_the_pixels_as_the_features_are_searched(tiny, tmp_path):
+    args, train, test = tiny
+    torch.manual_seed(0)
+    model = scan.ContrastiveModel(scan.make_backbone("smallcnn", 3, 8)).eval()
+    pixels = F.normalize(train.images.flatten(1).double(), dim=1)              # 16 px: not resized
+    labels, N, K = train.labels, len(train.images), args.num_neighbors
+    accs = {}
+    for whiten, mine_pixels in [(True, False), (False, False), (True, True)]:
+        run = type(args)(**{**vars(args), "whiten": whiten, "mine_pixels": mine_pixels, "pixel_check": N,
+                            "out_dir": str(tmp_path / f"{whiten}{mine_pixels}")})
+        os.makedirs(run.out_dir)
+        info = scan.mine(run, model, train, test)[1][0]
+        p = whitening(pixels.float())(pixels.float()).double() if whiten else pixels   # the pixels' own space
+        sim = (p @ p.T).fill_diagonal_(-2)                                     # not itself
+        naive = sim.topk(K, dim=1).indices                                     # [N, K]
+        accs[whiten, mine_pixels] = (labels[naive] == labels[:, None]).double().mean().item()
+        assert info["pixel_neighbor_acc_top20"] == pytest.approx(accs[whiten, mine_pixels], abs=0.01)
+    assert accs[True, False] != accs[False, False]                            # whitening changes the pixels' graph
+
+
 def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     args, train, _ = tiny
     args = type(args)(**vars(args))
