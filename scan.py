@@ -419,9 +419,10 @@ def mine(args, model, train, test):
     our budgets, and PCA-whitens them first (knn.search_space; --no-whiten: SCAN's plain cosine), which made the
     neighbours purer on every data set measured (RESULTS.md). --mine-pixels (--quick's) searches those features and
     the raw pixels, whitened alike, together (the mean of the two cosines): six epochs' pretext neighbours measured
-    less pure than the pixels' on grayscale folders, and the two together purer than either; on textures, where the
-    pixels know little, a little less pure than the pretext's (RESULTS.md). The k-means rows stay on the
-    L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
+    less pure than the pixels' on grayscale folders, the two together purer than the pretext's but level with the
+    pixels' or below; on textures, where the pixels know little, a little less pure than the pretext's (RESULTS.md).
+    The k-means rows stay on the L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's
+    train features [N, d])."""
     feats = {}
     for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
         feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
