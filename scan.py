@@ -430,15 +430,16 @@ def mine(args, model, train, test):
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)  # CHOICE (not in SCAN): docstring
     train_z = search_z[:, :z.shape[1]] * (2 ** 0.5 if args.mine_pixels else 1)    # the features' part, unit rows
-    if pixels is not None:  # the pixel check searches the pixels as the features are searched (whitened alike)
-        pixels = search_z[:, z.shape[1]:] * 2 ** 0.5 if args.mine_pixels else search_space(pixels, None, args.whiten)
     ckpt = load(args, "mine")
     if ckpt is not None:
         return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z
     _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, K]
     anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
-    info, lines = metrics.pixel_check(neighbor_idx, pixels, train.labels, anchors,
-                              train_z if args.mine_pixels else None) if args.pixel_check > 0 else ({}, [])
+    info, lines = {}, []
+    if args.pixel_check > 0:  # the pixels searched as the features are (whitened alike), not by their plain cosine
+        pixel_z = search_z[:, z.shape[1]:] * 2 ** 0.5 if args.mine_pixels else search_space(pixels, None, args.whiten)
+        info, lines = metrics.pixel_check(neighbor_idx, pixel_z, train.labels, anchors,
+                                          train_z if args.mine_pixels else None)
     for line in lines:
         say(f"[mine] {line}")
     rows = []
