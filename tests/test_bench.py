@@ -148,16 +148,14 @@ def test_pretext_neighbours_ceil_pool_keeps_the_last_row_and_column():
     spec = importlib.util.spec_from_file_location("pretext_neighbours", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    x = torch.rand(2, 1, 28, 28)                              # 28 -> 14 -> 7 -> 3 (floor) or 4 (ceil)
-    for ceil_pool, size in [(False, 3), (True, 4)]:
-        net = bench.make_backbone(1, 4, 2, ceil_pool).eval()
-        stages = net[:-2](x)                                  # before the adaptive pool: [2, 32, size, size]
-        assert stages.shape == (2, 32, size, size)
-        assert net(x).shape == (2, 4 * 32)                    # the 2x2 pool: out_dim unchanged
-    same = bench.make_backbone(1, 4, 2, True).eval(), bench.make_backbone(1, 4, 2, False).eval()
-    same[1].load_state_dict(same[0].state_dict())
-    x32 = torch.rand(2, 1, 32, 32)                           # 32 px: 32 -> 16 -> 8 -> 4 either way
-    assert torch.equal(same[0](x32), same[1](x32))
+    ceil_net, floor_net = (bench.make_backbone(1, 4, 2, ceil_pool).eval() for ceil_pool in (True, False))
+    floor_net.load_state_dict(ceil_net.state_dict())
+    x28 = torch.rand(2, 1, 28, 28)                            # 28 -> 14 -> 7 -> 3 (floor) or 4 (ceil)
+    for net, size in [(floor_net, 3), (ceil_net, 4)]:
+        assert net[:-2](x28).shape == (2, 32, size, size)     # before the adaptive pool
+        assert net(x28).shape == (2, 4 * 32)                  # after the 2x2 pool: out_dim unchanged
+    x32 = torch.rand(2, 1, 32, 32)                            # 32 -> 16 -> 8 -> 4 either way: the same outputs
+    assert torch.equal(ceil_net(x32), floor_net(x32))
 
 
 def test_scan_warmup_reads_a_scan_run(tmp_path):
