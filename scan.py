@@ -174,8 +174,8 @@ def plain(images, mean, std):  # the evaluation view: no augmentation
 def make_backbone(arch, in_channels, width=32, maxpool=False):
     """[B, C, H, W] -> [B, out_dim]. resnet18: torchvision's ResNet-18 with SCAN's stem for small images (a 3x3
     stride-1 conv and no max-pool; 96 px STL-10 images get a 2x2 max-pool), 512-d. smallcnn: four conv-BN-ReLU
-    stages of width, 2w, 4w, 8w channels, max-pools between them rounding up (28 px: 7 -> 4, the last row and column
-    kept), then a 2x2 average pool (32w-d), for CPU runs: purer neighbours than global pooling or floor (RESULTS.md)."""
+    stages of width, 2w, 4w, 8w channels with max-pools between them, then a 2x2 average pool (32w-d), for CPU runs;
+    its neighbours measured purer than with global pooling (RESULTS.md)."""
     if arch == "resnet18":
         import torchvision  # here: importing it takes seconds
         net = torchvision.models.resnet18()
@@ -186,7 +186,7 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
     for i in range(4):
         cout = width * 2 ** i
         layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        layers += [nn.MaxPool2d(2, ceil_mode=True)] if i < 3 else []
+        layers += [nn.MaxPool2d(2)] if i < 3 else []
         cin = cout
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())     # 2x2, not 1x1: keeps the layout
     net.out_dim = 4 * cin

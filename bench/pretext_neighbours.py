@@ -18,9 +18,8 @@ Labels are used only to score. An image folder without train/ and test/ sub-fold
         --batch-size 512 --configs "0.1:1,0.2:1,0.2:2" --seed 0 1 2
     python bench/pretext_neighbours.py --dataset fashion-mnist --subset 10000 --epochs 10 --configs "0.1:1,0.2:2"
 
---width and --floor-pool (the max-pools rounding down, scan.py's network before its max-pools rounded up: on 28 px
-images the last stage then sees a 3x3 map, not 4x4) change the network, for the screens toward a purer pretext
-(RESULTS.md); scan.py's network is the default.
+--width and --ceil-pool (the last max-pool rounding up: on 28 px images the last stage sees a 4x4 map, not 3x3)
+change the network, for the screens toward a purer pretext (RESULTS.md); scan.py's network is the default.
 
 Several seeds in one call: a row per seed and configuration, then mean +- std (sample std over seeds) per
 configuration. A configuration's numbers do not depend on the others given in the same call (each is reseeded).
@@ -60,14 +59,12 @@ def parse_configs(text):
     return configs
 
 
-def make_backbone(channels, width, pool, floor_pool=False):
+def make_backbone(channels, width, pool, ceil_pool=False):
     """scan.make_backbone("smallcnn") with its final adaptive average pool set to pool x pool (out_dim accordingly);
-    floor_pool: its max-pools round down, as scan.py's did before (28 px images: the last stage at 3x3, dropping the
-    7x7 map's last row and column; no change where the side is divisible by 8)."""
+    ceil_pool: its last max-pool rounds up (28 px images: the last stage at 4x4, keeping the 7x7 map's last row and
+    column, which scan.py's pool drops; no change where the side is divisible by 8)."""
     net = scan.make_backbone("smallcnn", channels, width)
-    for m in net:
-        if isinstance(m, nn.MaxPool2d):
-            m.ceil_mode = not floor_pool
+    [m for m in net if isinstance(m, nn.MaxPool2d)][-1].ceil_mode = ceil_pool
     assert isinstance(net[-2], nn.AdaptiveAvgPool2d) and net[-2].output_size == 2, "scan.make_backbone changed"
     net[-2] = nn.AdaptiveAvgPool2d(pool)
     net.out_dim = net.out_dim // 4 * pool * pool
@@ -77,7 +74,7 @@ def make_backbone(channels, width, pool, floor_pool=False):
 def train_pretext(args, train, temperature, pool, seed):
     """scan.train_pretext's loop, without checkpoints. Returns (model, mean loss of the last epoch)."""
     runtime.reseed(seed, "pretext", -1)                                        # initial weights, as scan.py
-    model = scan.ContrastiveModel(make_backbone(train.images.shape[1], args.width, pool, args.floor_pool))
+    model = scan.ContrastiveModel(make_backbone(train.images.shape[1], args.width, pool, args.ceil_pool))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     model, forward = runtime.wrap(model, "cpu")
     E, loss_mean = args.epochs, float("nan")
@@ -139,8 +136,7 @@ def main():
                    "(global, the previous design)")
     p.add_argument("--configs", type=parse_configs, default=None, help='TEMPERATURE:POOL,... e.g. "0.1:1,0.2:1,0.2:2"')
     p.add_argument("--width", type=int, default=16, help="smallcnn width (16: scan.py --quick)")
-    p.add_argument("--floor-pool", action="store_true", help="the max-pools round down (scan.py's before 2026-12-06 "
-                   "night)")
+    p.add_argument("--ceil-pool", action="store_true", help="the last max-pool rounds up (not scan.py's design)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (subset, weights, k-means)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -156,7 +152,7 @@ def main():
     num_clusters = len(full_train.classes)
     print(f"{args.dataset}: train {tuple(full_train.images.shape)}{f' subset {args.subset}' if args.subset else ''}, "
           f"test {tuple(test.images.shape)}, {num_clusters} classes; smallcnn width {args.width}"
-          f"{' (floor pool)' if args.floor_pool else ''}, {args.epochs} "
+          f"{' (ceil pool)' if args.ceil_pool else ''}, {args.epochs} "
           f"epochs, batch {args.batch_size}, lr {args.lr:g}, threads {args.threads}, torch {torch.__version__}, "
           f"keep_freed_memory {'on' if kept else 'off'}", flush=True)
     results, pixel_results = {}, []                                            # (T, pool) -> [[6 values] per seed]

@@ -214,15 +214,6 @@ def tiny(tmp_path_factory):
     return args, train, test
 
 
-@pytest.mark.parametrize("side", [28, 30, 32, 96])
-def test_the_small_cnn_keeps_the_last_row_and_column_of_odd_maps(side):
-    """Its max-pools round up: 28 px maps go 28 -> 14 -> 7 -> 4 (floor: 3, the 7x7 map's last row and column lost)."""
-    net = scan.make_backbone("smallcnn", 1, 4).eval()
-    x = torch.rand(2, 1, side, side)
-    assert net[:-2](x).shape == (2, 32, -(-side // 8), -(-side // 8))        # before the 2x2 adaptive pool
-    assert net(x).shape == (2, net.out_dim) == (2, 4 * 32)
-
-
 def test_mine_searches_the_whitened_backbone_and_with_mine_pixels_the_pixels_too(tiny, tmp_path):
     args, train, test = tiny
     torch.manual_seed(0)
