@@ -67,7 +67,8 @@ def load_run(out_dir, data_root):
     model = scan.ContrastiveModel(scan.make_backbone(config["arch"], train.images.shape[1], config["width"],
                                                      config["dataset"].startswith("stl10")))
     model.load_state_dict(pretext["model"])
-    net = model if config["mine_features"] == "projection" else model.backbone
+    nets = {"projection": model, "backbone": model.backbone, "middle": scan.middle_stage(model.backbone)}
+    net = nets[config["mine_features"]]
     return config, train, F.normalize(predict(net, train.images, train.mean, train.std), dim=1), mine["neighbor_idx"]
 
 

@@ -170,16 +170,16 @@ def test_scan_warmup_reads_a_scan_run(tmp_path):
     assert "| (b) k-means fit + Eq. (2) | " in out and " ± " in out
 
 
-@pytest.mark.parametrize("mine_pixels", [False, True])
-def test_whitening_eps_reads_scan_runs_and_finds_their_graph(tmp_path, mine_pixels):
+@pytest.mark.parametrize("mine_pixels, features", [(False, "backbone"), (True, "backbone"), (False, "middle")])
+def test_whitening_eps_reads_scan_runs_and_finds_their_graph(tmp_path, mine_pixels, features):
     scan_argv = ["--dataset", "synthetic", "--image-size", "16", "--arch", "smallcnn", "--width", "8", "--subset",
                  "200", "--pretext-epochs", "1", "--pretext-batch-size", "100", "--scan-epochs", "0",
                  "--warmup-steps", "1", "--selflabel-epochs", "0", "--num-neighbors", "5", "--pixel-check", "0",
-                 "--threads", "1", "--log-every", "1000", "--out-dir", str(tmp_path)] + ["--mine-pixels"] * mine_pixels
-    out = run_after("scan", scan_argv, "bench/whitening_eps.py", [str(tmp_path), str(tmp_path), "--eps", "none",
-                                                                  "0.01", "auto"])
+                 "--threads", "1", "--log-every", "1000", "--out-dir", str(tmp_path), "--mine-features", features]
+    out = run_after("scan", scan_argv + ["--mine-pixels"] * mine_pixels, "bench/whitening_eps.py",
+                    [str(tmp_path), str(tmp_path), "--eps", "none", "0.01", "auto"])
     assert "| run | features | eps | top-5 | top-20 | scan.py's graph |" in out
-    ours = "backbone + pixels | auto" if mine_pixels else "backbone | auto"     # scan.py's own mining, found again
+    ours = f"{features} + pixels | auto" if mine_pixels else f"{features} | auto"   # scan.py's own mining, found again
     assert out.count("| 100.00% the same |") == 2 and all("100.00% the same" in line for line in out.splitlines()
                                                            if f"| {tmp_path} | {ours} | " in line)
     assert f"| {tmp_path} | raw pixels | auto | " in out and "| pretext | 0.01 | " in out and " ± " in out
