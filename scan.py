@@ -194,12 +194,14 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
     return net
 
 
-def middle_stage(backbone, grid=7):
-    """[B, C, H, W] -> [B, c * grid^2]: the backbone's second of four stages (smallcnn: 2w channels, ResNet-18: layer2)
-    average-pooled to grid x grid, on the backbone's weights (--mine-features middle: purer neighbours, RESULTS.md)."""
+def middle_features(backbone, images, mean, std, grid=7):
+    """--mine-features middle: uint8 [N, C, H, W] -> [N, c * grid^2], the backbone's second of four stages (smallcnn: 2w
+    channels, ResNet-18: layer2) average-pooled to grid x grid, square-rooted. CHOICE (neither in SCAN; each made the
+    neighbours purer, RESULTS.md): the finer map, and the square root, which damps the few large activations (power
+    normalisation: F. Perronnin, J. Sanchez, T. Mensink, ECCV 2010, https://doi.org/10.1007/978-3-642-15561-1_11)."""
     b = backbone
     stem = b[:7] if isinstance(b, nn.Sequential) else nn.Sequential(*list(b.children())[:6])  # conv1 ... layer2
-    return nn.Sequential(stem, nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+    return predict(nn.Sequential(stem, nn.AdaptiveAvgPool2d(grid), nn.Flatten()), images, mean, std).sqrt()  # >= 0
 
 
 class ContrastiveModel(nn.Module):
@@ -421,23 +423,21 @@ def train_pretext(args, pretext, test):
 
 
 def mine(args, model, train, test):
-    """Step 2: the K nearest neighbours of every train image (no augmentation), the comparison with the raw pixels'
-    own neighbours, and the "pretext + k-means" rows of SCAN's Table 1 on the projection and on the backbone features
-    (both L2-normalised, fit on train, scored on test). CHOICE: SCAN mines in the projection space; --mine-features
-    backbone (the default) mines in the backbone's, where the heads work and where the neighbours measured purer at
-    our budgets, and PCA-whitens them first (knn.search_space; --no-whiten: SCAN's plain cosine), which made the
-    neighbours purer on every data set measured (RESULTS.md). --mine-features middle mines in the second stage's map
-    (middle_stage), finer than the last stage's 2x2: after 24 epochs on Fashion-MNIST its neighbours measured 2 points
-    purer than the last stage's and the whitened pixels', as pure as both mixed (RESULTS.md). --mine-pixels searches the
-    features and the raw pixels, whitened alike, together (the mean of the two cosines): --quick's 6-epoch pretext
-    neighbours measured less pure than the pixels' on grayscale folders, the mix level with the pixels or below; on
-    textures, where the pixels know little, a little less pure than the pretext's (RESULTS.md). The k-means rows
-    stay on the L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's train features [N, d])."""
-    feats = {}
-    for name, net in [("projection", model), ("backbone", model.backbone)]:   # both L2-normalised [N, d]
-        feats[name] = [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]
+    """Step 2: the K nearest neighbours of every train image (no augmentation), the comparison with the raw pixels' own
+    neighbours, and the "pretext + k-means" rows of SCAN's Table 1 on the projection and on the backbone features (both
+    L2-normalised, fit on train, scored on test). CHOICE: SCAN mines in the projection space; --mine-features backbone
+    (the default) mines in the backbone's, where the heads work and where the neighbours measured purer at our budgets,
+    and PCA-whitens them first (knn.search_space; --no-whiten: SCAN's plain cosine), which made the neighbours purer on
+    every data set measured (RESULTS.md). --mine-features middle: middle_features, a finer map than the last stage's
+    2x2. --mine-pixels searches the features and the raw pixels, whitened alike, together (the mean of the two cosines):
+    --quick's 6-epoch pretext neighbours measured less pure than the pixels' on grayscale folders, the mix level with
+    the pixels or below; on textures, where the pixels know little, a little less pure than the pretext's (RESULTS.md).
+    The k-means rows stay on the L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's train
+    features [N, d])."""
+    feats = {name: [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]   # [N, d]
+             for name, net in [("projection", model), ("backbone", model.backbone)]}   # train, test; L2-normalised
     z = feats[args.mine_features][0] if args.mine_features in feats else \
-        F.normalize(predict(middle_stage(model.backbone), train.images, train.mean, train.std), dim=1)
+        F.normalize(middle_features(model.backbone, train.images, train.mean, train.std), dim=1)
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)  # CHOICE (not in SCAN): docstring
     train_z = search_z[:, :z.shape[1]] * (2 ** 0.5 if args.mine_pixels else 1)    # the features' part, unit rows

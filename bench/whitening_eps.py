@@ -67,9 +67,12 @@ def load_run(out_dir, data_root):
     model = scan.ContrastiveModel(scan.make_backbone(config["arch"], train.images.shape[1], config["width"],
                                                      config["dataset"].startswith("stl10")))
     model.load_state_dict(pretext["model"])
-    nets = {"projection": model, "backbone": model.backbone, "middle": scan.middle_stage(model.backbone)}
-    net = nets[config["mine_features"]]
-    return config, train, F.normalize(predict(net, train.images, train.mean, train.std), dim=1), mine["neighbor_idx"]
+    if config["mine_features"] == "middle":
+        z = scan.middle_features(model.backbone, train.images, train.mean, train.std)
+    else:
+        z = predict(model if config["mine_features"] == "projection" else model.backbone, train.images, train.mean,
+                    train.std)
+    return config, train, F.normalize(z, dim=1), mine["neighbor_idx"]
 
 
 def neighbours(z, eps, k):

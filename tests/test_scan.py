@@ -245,28 +245,29 @@ def test_mine_searches_the_whitened_backbone_and_with_mine_pixels_the_pixels_too
 
 
 @pytest.mark.parametrize("arch, stage", [("smallcnn", 6), ("resnet18", "layer2")])
-def test_middle_stage_is_the_second_stage_averaged_on_a_7x7_grid_and_mine_searches_it(arch, stage, tiny, tmp_path):
+def test_middle_features_are_the_second_stage_averaged_on_a_7x7_grid_square_rooted_and_mine_searches_them(
+        arch, stage, tiny, tmp_path):
     args, train, test = tiny
     torch.manual_seed(0)
     model = scan.ContrastiveModel(scan.make_backbone(arch, 3, 8)).eval()
-    x = torch.rand(2, 3, 16, 16)
+    images = train.images[:2]                                                  # uint8 [2, 3, 16, 16]
     maps = []                                                                  # the stage's output, as the net runs
     layer = model.backbone[stage] if arch == "smallcnn" else getattr(model.backbone, stage)
     layer.register_forward_hook(lambda mod, inp, out: maps.append(out.clone()))
     with torch.no_grad():
-        model.backbone(x)
-        got = scan.middle_stage(model.backbone)(x)
+        model.backbone(scan.normalize(images.float() / 255, train.mean, train.std))
+        got = scan.middle_features(model.backbone, images, train.mean, train.std)
     m = maps[0]                                                                # [2, c, h, w], h = w = 16 or 8
     assert m.shape[1] == (16 if arch == "smallcnn" else 128)                   # smallcnn: 2w channels
     edges = [(i * m.shape[-1] // 7, -(-(i + 1) * m.shape[-1] // 7)) for i in range(7)]   # adaptive pooling's cells
     naive = torch.stack([torch.stack([m[:, :, a:b, c:d].mean((2, 3)) for c, d in edges], -1) for a, b in edges], -2)
-    assert torch.allclose(got, naive.flatten(1), atol=1e-5)
+    assert (got >= 0).all() and torch.allclose(got ** 2, naive.flatten(1), atol=1e-5)   # the root (power norm.)
     if arch == "resnet18":
         return
     run = type(args)(**{**vars(args), "mine_features": "middle", "mine_pixels": False, "pixel_check": 0,
                         "out_dir": str(tmp_path)})
     neighbor_idx, rows, train_z = scan.mine(run, model, train, test)
-    z = F.normalize(runtime.predict(scan.middle_stage(model.backbone), train.images, train.mean, train.std), dim=1)
+    z = F.normalize(scan.middle_features(model.backbone, train.images, train.mean, train.std), dim=1)
     expected = whitening(z)(z)
     assert torch.allclose(train_z @ train_z.T, expected @ expected.T, atol=1e-5)
     assert torch.equal(neighbor_idx, scan.knn(train_z, k=args.num_neighbors)[1])
