@@ -90,7 +90,7 @@ def parse_args(argv=None):
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection"], help="search space (SCAN: projection)")
+    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"], help="SCAN: projection")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
@@ -186,6 +186,16 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())     # 2x2, not 1x1: keeps the layout
     net.out_dim = 4 * cin
     return net
+
+
+def middle_features(backbone, images, mean, std, grid=7):
+    """--mine-features middle: uint8 [N, C, H, W] -> [N, c * grid^2], the second of four stages (smallcnn: 2w channels,
+    ResNet-18: layer2) average-pooled to grid x grid, square-rooted (power normalisation: F. Perronnin et al., ECCV
+    2010, https://doi.org/10.1007/978-3-642-15561-1_11). CHOICE (not SCAN's): each made the neighbours purer
+    (RESULTS.md)."""
+    b = backbone
+    stem = b[:7] if isinstance(b, nn.Sequential) else nn.Sequential(*list(b.children())[:6])  # conv1 ... layer2
+    return predict(nn.Sequential(stem, nn.AdaptiveAvgPool2d(grid), nn.Flatten()), images, mean, std).sqrt()  # >= 0
 
 
 class ContrastiveModel(nn.Module):
@@ -594,10 +604,11 @@ def train_selflabel(args, stage, model, head, train, test):
 def clustering_step(args, it, e, g_model, train, test, previous):
     """Mine neighbours (the paper: in p(g(x)); here in g(x)); train h on g' = a copy of g with Eq. (2) (scan.py's SCAN
     stage), then self-label if asked. g is untouched. previous: the last (model, head)."""
-    net = g_model if args.mine_features == "projection" else g_model.backbone  # CHOICE: see scan.py's mine()
+    nets = {"projection": g_model, "backbone": g_model.backbone}               # CHOICE: see scan.py's mine()
+    z = predict(nets[args.mine_features], train.images, train.mean, train.std) if args.mine_features in nets \
+        else middle_features(g_model.backbone, train.images, train.mean, train.std)   # [N, d]
     pixels = data.pixel_vectors(train.images) if args.mine_pixels else None    # CHOICE: see scan.py's mine()
-    train_z = search_space(predict(net, train.images, train.mean, train.std), pixels, args.whiten)   # [N, d (+ D)]
-    _, neighbor_idx = knn(train_z, k=args.num_neighbors, distributed=True)    # [N, M]
+    _, neighbor_idx = knn(search_space(z, pixels, args.whiten), k=args.num_neighbors, distributed=True)   # [N, M]
     info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())} if (train.labels >= 0).all() \
         else {}                                                                # (scan.py also compares with pixels)
     # g' := a deep copy of g. CHOICE: "iteratively learns both g and h": head 0 starts as the last iteration's h.

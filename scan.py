@@ -87,8 +87,7 @@ def parse_args(argv=None):
     a("--num-clusters", type=at_least(2), default=None, help="clusters (default: the classes; more: overclustering)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--num-neighbors", type=pos, default=20, help="K neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"],
-      help="search space (SCAN: projection; middle: the backbone's 2nd stage on a 7x7 grid)")
+    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"], help="SCAN: projection")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
@@ -195,10 +194,10 @@ def make_backbone(arch, in_channels, width=32, maxpool=False):
 
 
 def middle_features(backbone, images, mean, std, grid=7):
-    """--mine-features middle: uint8 [N, C, H, W] -> [N, c * grid^2], the backbone's second of four stages (smallcnn: 2w
-    channels, ResNet-18: layer2) average-pooled to grid x grid, square-rooted. CHOICE (neither in SCAN; each made the
-    neighbours purer, RESULTS.md): the finer map, and the square root, which damps the few large activations (power
-    normalisation: F. Perronnin, J. Sanchez, T. Mensink, ECCV 2010, https://doi.org/10.1007/978-3-642-15561-1_11)."""
+    """--mine-features middle: uint8 [N, C, H, W] -> [N, c * grid^2], the second of four stages (smallcnn: 2w channels,
+    ResNet-18: layer2) average-pooled to grid x grid, square-rooted (power normalisation: F. Perronnin et al., ECCV
+    2010, https://doi.org/10.1007/978-3-642-15561-1_11). CHOICE (not SCAN's): each made the neighbours purer
+    (RESULTS.md)."""
     b = backbone
     stem = b[:7] if isinstance(b, nn.Sequential) else nn.Sequential(*list(b.children())[:6])  # conv1 ... layer2
     return predict(nn.Sequential(stem, nn.AdaptiveAvgPool2d(grid), nn.Flatten()), images, mean, std).sqrt()  # >= 0

@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run: --quick on 16x16 synthetic images, 300 of them (seconds).
 TINY = ["--dataset", "synthetic", "--quick", "--image-size", "16", "--subset", "300", "--warmup-steps", "30",
         "--scan-epochs", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]
-COPIED_FROM_SCAN = ["load_data", "plain", "make_backbone", "ContrastiveModel", "ClusteringModel", "scan_loss",
-                    "confidence_ce", "cluster_thresholds", "kmeans", "load", "save", "head_losses",
+COPIED_FROM_SCAN = ["load_data", "plain", "make_backbone", "middle_features", "ContrastiveModel", "ClusteringModel",
+                    "scan_loss", "confidence_ce", "cluster_thresholds", "kmeans", "load", "save", "head_losses",
                     "warm_up_heads", "train_scan", "keep_if_best", "train_selflabel", "predict_files"]
 
 
@@ -242,6 +242,20 @@ def test_clustering_step_with_mine_pixels_mines_on_the_features_and_the_pixels(t
     naive = sim.fill_diagonal_(-2).topk(args.num_neighbors, dim=1).indices
     same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(seen[True], naive)]
     assert sum(same) >= 0.98 * len(same) and not torch.equal(seen[True], seen[False])
+
+
+def test_clustering_step_with_mine_features_middle_mines_on_the_second_stage(tiny_setup, monkeypatch, tmp_path):
+    args, train, test, g_model = tiny_setup
+    seen = {}
+    monkeypatch.setattr(profeat, "train_scan", lambda args_, stage, model, neighbor_idx, *rest: (
+        seen.setdefault(args_.mine_features, neighbor_idx), (model, 0))[1])   # the graph it was given, nothing trained
+    for features in ("backbone", "middle"):
+        run = copy.copy(args)
+        run.out_dir, run.selflabel_epochs, run.mine_pixels, run.mine_features = str(tmp_path), 0, False, features
+        profeat.clustering_step(run, 1, 0, g_model, train, test, None)
+    z = F.normalize(scan.middle_features(g_model.backbone, train.images, train.mean, train.std), dim=1)  # scan.py's
+    assert torch.equal(seen["middle"], profeat.knn(whitening(z)(z), k=args.num_neighbors)[1])
+    assert not torch.equal(seen["middle"], seen["backbone"])
 
 
 @pytest.mark.parametrize("carry", [False, True])
