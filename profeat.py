@@ -90,7 +90,8 @@ def parse_args(argv=None):
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"], help="SCAN: projection")
+    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"],
+      help="search space (SCAN: projection; middle: the 2nd stage on a 7x7 grid, square-rooted)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")

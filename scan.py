@@ -87,7 +87,8 @@ def parse_args(argv=None):
     a("--num-clusters", type=at_least(2), default=None, help="clusters (default: the classes; more: overclustering)")
     a("--num-heads", type=pos, default=1, help="heads trained at once, the lowest-loss one kept (SCAN's configs: 1)")
     a("--num-neighbors", type=pos, default=20, help="K neighbours mined per image")
-    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"], help="SCAN: projection")
+    a("--mine-features", default="backbone", choices=["backbone", "projection", "middle"],
+      help="search space (SCAN: projection; middle: the 2nd stage on a 7x7 grid, square-rooted)")
     a("--no-whiten", dest="whiten", action="store_false", help="mine as SCAN does: no PCA whitening of those features")
     a("--mine-pixels", action=argparse.BooleanOptionalAction, default=False, help="also mine on the pixels (--quick)")
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
