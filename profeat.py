@@ -108,6 +108,8 @@ def parse_args(argv=None):
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
     a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN or FlexMatch")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
+    a("--pixel-check", type=at_least(0), default=5000, help="after mining, compare the neighbours of this many images "
+      "with the raw pixels' own (0: skip)")
     a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the networks")
@@ -608,10 +610,19 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     nets = {"projection": g_model, "backbone": g_model.backbone}               # CHOICE: see scan.py's mine()
     z = predict(nets[args.mine_features], train.images, train.mean, train.std) if args.mine_features in nets \
         else middle_features(g_model.backbone, train.images, train.mean, train.std)   # [N, d]
-    pixels = data.pixel_vectors(train.images) if args.mine_pixels else None    # CHOICE: see scan.py's mine()
-    _, neighbor_idx = knn(search_space(z, pixels, args.whiten), k=args.num_neighbors, distributed=True)   # [N, M]
+    pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
+    search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)   # CHOICE: see scan.py's mine()
+    _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, M]
     info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())} if (train.labels >= 0).all() \
-        else {}                                                                # (scan.py also compares with pixels)
+        else {}
+    if args.pixel_check > 0:  # scan.py's check, each iteration: the pixels searched as the features are
+        anchors = torch.randperm(len(z), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
+        d, both = z.shape[1], args.mine_pixels                                 # search_z's parts: unit rows / sqrt(2)
+        pixel_z = search_z[:, d:] * 2 ** 0.5 if both else search_space(pixels, None, args.whiten)
+        check, lines = metrics.pixel_check(neighbor_idx, pixel_z, train.labels, anchors, search_z[:, :d] * 2 ** 0.5
+                                           if both else None)
+        info.update(check)
+        say("\n".join(f"[{stage_name(it, e, 'mine')}] {line}" for line in lines))
     # g' := a deep copy of g. CHOICE: "iteratively learns both g and h": head 0 starts as the last iteration's h.
     runtime.reseed(args.seed, stage_name(it, e, "heads"), -1)                 # the heads' initial weights
     model = ClusteringModel(copy.deepcopy(g_model.backbone), args.num_clusters, args.num_heads)

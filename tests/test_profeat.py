@@ -258,6 +258,28 @@ def test_clustering_step_with_mine_features_middle_mines_on_the_second_stage(tin
     assert not torch.equal(seen["middle"], seen["backbone"])
 
 
+@pytest.mark.parametrize("mine_pixels", [False, True])
+def test_clustering_step_checks_its_graph_against_the_raw_pixels_neighbours(tiny_setup, monkeypatch, tmp_path,
+                                                                            capsys, mine_pixels):
+    args, train, test, g_model = tiny_setup
+    monkeypatch.setattr(profeat, "train_scan", lambda args_, stage, model, *rest: (model, 0))   # nothing trained
+    run = copy.copy(args)
+    run.out_dir, run.selflabel_epochs, run.mine_pixels, run.pixel_check = str(tmp_path), 0, mine_pixels, 10 ** 6
+    info = profeat.clustering_step(run, 2, 0, g_model, train, test, None)[2]
+    pixels = F.normalize(train.images.flatten(1).double(), dim=1)              # 16 px: not resized
+    p = whitening(pixels.float())(pixels.float()).double()                     # whitened, as the features are
+    naive = (p @ p.T).fill_diagonal_(-2).topk(args.num_neighbors, dim=1).indices   # [N, K], not itself
+    labels = train.labels
+    assert info["pixel_neighbor_acc_top20"] == pytest.approx(
+        (labels[naive] == labels[:, None]).double().mean().item(), abs=0.01)
+    assert info["neighbor_acc_top20"] == pytest.approx(info["neighbor_acc"])  # every image checked: the whole graph
+    assert ("pretext_neighbor_acc_top20" in info) == mine_pixels              # the features' own graph, when mixed
+    printed = capsys.readouterr().out
+    assert "[it002_m0_mine] top-20 neighbours with the anchor's label: " in printed
+    run.pixel_check = 0
+    assert "pixel_agreement" not in profeat.clustering_step(run, 2, 0, g_model, train, test, None)[2]
+
+
 @pytest.mark.parametrize("carry", [False, True])
 def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkeypatch, carry, tmp_path):
     args, train, test, g_model = tiny_setup
