@@ -613,14 +613,11 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)   # CHOICE: see scan.py's mine()
     _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, M]
-    info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx.cpu(), train.labels.cpu())} if (train.labels >= 0).all() \
-        else {}
-    if args.pixel_check > 0:  # scan.py's check, each iteration: the pixels searched as the features are
+    info = {"neighbor_acc": metrics.neighbor_acc(neighbor_idx, train.labels)} if (train.labels >= 0).all() else {}
+    if args.pixel_check > 0:  # scan.py's check; each part of the searched space alone, whitened as it is there
         anchors = torch.randperm(len(z), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
-        d, both = z.shape[1], args.mine_pixels                                 # search_z's parts: unit rows / sqrt(2)
-        pixel_z = search_z[:, d:] * 2 ** 0.5 if both else search_space(pixels, None, args.whiten)
-        check, lines = metrics.pixel_check(neighbor_idx, pixel_z, train.labels, anchors, search_z[:, :d] * 2 ** 0.5
-                                           if both else None)
+        check, lines = metrics.pixel_check(neighbor_idx, search_space(pixels, None, args.whiten), train.labels, anchors,
+                                           search_space(z, None, args.whiten) if args.mine_pixels else None)
         info.update(check)
         say("\n".join(f"[{stage_name(it, e, 'mine')}] {line}" for line in lines))
     # g' := a deep copy of g. CHOICE: "iteratively learns both g and h": head 0 starts as the last iteration's h.
