@@ -542,6 +542,15 @@ def test_a_finished_run_writes_every_output(finished):
     assert "== self-label" in res.stdout and "Traceback" not in res.stderr
 
 
+def test_the_knn_monitor_runs_at_most_every_5th_epoch_and_after_the_last(tmp_path):
+    out = str(tmp_path / "run")                              # each monitor is a pass over train and test: costly
+    res = run(*TINY, "--out-dir", out, "--pretext-epochs", "12", "--scan-epochs", "0", "--selflabel-epochs", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    pretext = [r for r in log(out) if r["stage"] == "pretext"]
+    assert [r["epoch"] for r in pretext if "knn_acc" in r] == [5, 10, 12] and len(pretext) == 12
+    assert all(0.1 < r["knn_acc"] <= 1 for r in pretext if "knn_acc" in r)   # 10 classes: chance is 0.1
+
+
 def test_killed_and_resumed_gives_the_same_run(finished, tmp_path):
     out = str(tmp_path / "run")
     proc = run(*TINY, "--out-dir", out, "--pretext-epochs", "3", wait=False)
