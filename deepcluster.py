@@ -126,7 +126,8 @@ def check_args(args, train, test):
                                                f"{max(10, args.pic_neighbors)}"),
             (len(test.images) <= max(10, args.final_clusters), f"--final-clusters {args.final_clusters} needs more "
              f"than {max(10, args.final_clusters)} images in --test-split {args.test_split} ({len(test.images)})"),
-            (args.batch_size > n, f"--batch-size {args.batch_size} is more than the {n} images per epoch"),
+            (args.batch_size > n, f"--batch-size {args.batch_size} is more than the {n} images per epoch; give "
+                                  f"--batch-size {n - n % world} or less"),
             (args.batch_size % world, f"--batch-size must be divisible by the {world} processes"),
             (args.crop_min > 1, "--crop-min must be at most 1"),
             (args.lr == 0 or args.pic_sigma == 0, "--lr and --pic-sigma must be positive"),

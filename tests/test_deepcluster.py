@@ -571,7 +571,7 @@ def test_one_class_dataset_is_refused(tmp_path):
     (["--dataset", "synthetic", "--lr", "-1"], "--lr"),
     (["--dataset", "synthetic", "--quick", "--lr", "0"], "--lr"),
     (["--dataset", "synthetic", "--quick", "--crop-min", "1.5"], "--crop-min"),
-    (["--dataset", "synthetic", "--quick", "--batch-size", "3000"], "--batch-size"),
+    (["--dataset", "synthetic", "--quick", "--batch-size", "3000"], "give --batch-size 2000 or less"),
     (["--dataset", "synthetic", "--arch", "vgg99"], "arch"),
     (["--dataset", "synthetic", "--device", "tpu"], "tpu"),
     (["--dataset", "imagefolder:/nonexistent/folder"], "/nonexistent/folder"),
