@@ -392,8 +392,7 @@ def train_pretext(args, pretext, test):
     ckpt = load(args, "pretext", model, opt)
     start, E = (ckpt["epoch"] if ckpt else 0), args.pretext_epochs
     model, forward = runtime.wrap(model, args.device, args.compile)
-    # the k-NN monitor <= 10 times and <= every 5th epoch: each is a pass over train and test (a CPU epoch's fifth)
-    B, monitor_every = args.pretext_batch_size, max(5, E // 10)
+    B, monitor_every = args.pretext_batch_size, max(5, E // 10)   # k-NN monitor: a pass over train + test, <= 10 x
     progress = runtime.Progress("pretext", (E - start) * (len(pretext.images) // B), args.log_every)
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, "pretext", epoch), time.time(), []
