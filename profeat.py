@@ -57,7 +57,7 @@ PRESETS = {
     "stl10-ensemble": dict(iterations=300),
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
                   pretext_batch_size=None, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
-                  selflabel_epochs=1, selflabel_batch_size=500, mine_pixels=True),
+                  selflabel_epochs=1, selflabel_batch_size=500, mine_pixels=True, pretext_warmup=1),
     "quick-imagefolder": dict(image_size=32),
     "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # scan.py's, but one threshold: measured (RESULTS.md)
 }
@@ -87,6 +87,7 @@ def parse_args(argv=None):
     a("--pretext-batch-size", type=pos, default=512, help="representation batch B (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="representation SGD learning rate at the start ...")
     a("--pretext-lr-min", type=rate, default=0.0004, help="... decayed (cosine) to this over all iterations")
+    a("--pretext-warmup", type=at_least(0), default=0, help="epochs of linear warm-up first (as scan.py; --quick: 1)")
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")
@@ -351,10 +352,11 @@ def keep_member(train_preds, scan_losses):
 # stage (the way to continue after a divergence).
 CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset", "arch", "width", "num_clusters",
                "iterations", "ensemble", "t_s", "t_e", "t_c", "pretext_epochs", "refine_epochs", "pretext_batch_size",
-               "pretext_lr", "pretext_lr_min", "temperature", "crop_min", "num_neighbors", "mine_features", "num_heads",
-               "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps", "entropy_weight", "update_head_only",
-               "carry_h", "selflabel_epochs", "selflabel_batch_size", "selflabel_lr", "confidence_threshold",
-               "weight_decay", "seed", "whiten", "mine_pixels", "threshold_rule"]
+               "pretext_lr", "pretext_lr_min", "pretext_warmup", "temperature", "crop_min", "num_neighbors",
+               "mine_features", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps",
+               "entropy_weight", "update_head_only", "carry_h", "selflabel_epochs", "selflabel_batch_size",
+               "selflabel_lr", "confidence_threshold", "weight_decay", "seed", "whiten", "mine_pixels",
+               "threshold_rule"]
 OWN_FILES = r"it\d{3}_m\d+_(pretext|scan|selflabel)\.pt(\.tmp)?|(results\.json|log\.jsonl|predictions\.csv" \
             r"|prototypes\.png|predict-.+\.(csv|png))(\.tmp)?"
 
@@ -389,8 +391,9 @@ def stage_name(it, e, kind):  # e.g. it003_m1_scan: iteration 3, member 1, the S
 def representation_step(args, it, e, model, pretext, groups_of):
     """Eq. (1) on g_e and p_e, in place. groups_of(idx) -> (keep [B], group [B, B]) for a global batch idx [B]."""
     stage, E = stage_name(it, e, "pretext"), args.pretext_epochs if it == 1 else args.refine_epochs
-    before, total = (0 if it == 1 else args.pretext_epochs + (it - 2) * args.refine_epochs,   # epochs so far, all
-                     args.pretext_epochs + (args.iterations - 1) * args.refine_epochs)
+    before, total, warmup = (0 if it == 1 else args.pretext_epochs + (it - 2) * args.refine_epochs,  # epochs so far,
+                             args.pretext_epochs + (args.iterations - 1) * args.refine_epochs,   # all, of warm-up
+                             max(args.pretext_warmup, 1e-9))
     # CHOICE: "0.4, gradually decreased to 0.0004 through iterations": one cosine schedule over every representation
     # epoch of the run. Each iteration gets a fresh SGD (momentum reset): a fine-tuning run of its own.
     opt = torch.optim.SGD(model.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -404,10 +407,10 @@ def representation_step(args, it, e, model, pretext, groups_of):
         generator, t0, losses, kept, pairs = runtime.reseed(args.seed, stage, epoch), time.time(), [], 0, 0
         lr = args.pretext_lr_min + (args.pretext_lr - args.pretext_lr_min) * (
             1 + math.cos(math.pi * (before + epoch) / total)) / 2
-        opt.param_groups[0]["lr"] = lr                                         # one group: every parameter
         model.train()
         epoch_batches = batches(len(pretext.images), B, generator, args.device)
-        for step, idx in enumerate(epoch_batches):
+        for step, idx in enumerate(epoch_batches):   # the warm-up: see scan.py's train_pretext; one parameter group
+            opt.param_groups[0]["lr"] = lr * min(1.0, (before + epoch + (step + 1) / len(epoch_batches)) / warmup)
             keep, group = groups_of(gather(idx))                               # over the global batch [B], [B, B]
             # each rank forwards a multiple of 8 kept images: cuDNN's benchmark and torch.compile see few shapes
             share = keep.view(world, -1)
@@ -432,6 +435,8 @@ def representation_step(args, it, e, model, pretext, groups_of):
         say(f"[{stage}] epoch {epoch + 1}/{E} loss {row['loss'] or 0:.4f} lr {lr:.4g} kept {row['kept_images']:.0f} "
             f"of {B} pairs {row['positive_pairs']:.0f} ({row['seconds']:.0f} s)")
         save(args, stage, model, opt, losses or [torch.zeros(())], row, E)
+        if it == 1 and epoch + 1 == E:                                         # Eq. (1) is NT-Xent in iteration 1
+            runtime.warn_if_collapsed(stage, row["loss"], B)
     return row
 
 

@@ -421,6 +421,18 @@ def say(message):
 
 
 # ---- training and inference helpers ---------------------------------------------------------------------------
+def warn_if_collapsed(stage, loss, batch_size):
+    """NT-Xent over B pairs is log(2B - 1) when every projection is one point (all similarities equal), its value
+    for a network that learnt nothing; a pretext ending within 3% of it collapsed (label-free, printed and returned)."""
+    collapsed = loss > 0.97 * math.log(2 * batch_size - 1)
+    if collapsed:
+        say(f"[{stage}] WARNING: the pretext collapsed: NT-Xent {loss:.4f}, log(2B - 1) = "
+            f"{math.log(2 * batch_size - 1):.4f} when every image maps to one point. Its neighbours and everything "
+            "built on them are near chance; rerun with --restart and a learning-rate warm-up (--pretext-warmup 1 or "
+            "more) or a lower --pretext-lr.")
+    return collapsed
+
+
 def wrap(model, device, compile=False):
     """(model on the device, the callable that trains it): DDP under torchrun, torch.compile when asked, bf16
     autocast on CUDA, channels_last everywhere (on a CPU too: BatchNorm and max-pooling run 1.6x faster in it).

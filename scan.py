@@ -60,7 +60,7 @@ PRESETS = {
     # CHOICE: mine on the pixels too: six epochs' neighbours are less pure than the whitened pixels' (RESULTS.md).
     "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=None, pretext_lr=0.2,
                   scan_epochs=0, warmup_steps=2000, entropy_weight=0.5, selflabel_epochs=1, selflabel_batch_size=500,
-                  mine_pixels=True),
+                  mine_pixels=True, pretext_warmup=1),
     "quick-imagefolder": dict(image_size=32),
     # The CPU network's short schedules: NT-Xent at 0.2 gave purer neighbours than 0.1 on every data set measured
     # (RESULTS.md); 0.1 is the paper's for ResNet-18 and 500 epochs. SCAN batch 48 as SCAN's own MNIST config: at a
@@ -94,6 +94,7 @@ def parse_args(argv=None):
     a("--pretext-epochs", type=pos, default=500, help="SimCLR epochs")
     a("--pretext-batch-size", type=pos, default=512, help="SimCLR batch (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="SimCLR SGD learning rate, cosine decay to lr * 0.1^3")
+    a("--pretext-warmup", type=at_least(0), default=0, help="epochs of linear warm-up (SCAN's configs: 0; --quick: 1)")
     a("--temperature", type=at_least(1e-3, float), default=0.1,
       help="NT-Xent temperature (default: 0.1; --arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
@@ -348,7 +349,7 @@ def evaluate(probs, labels, classes, title):
 # while a stage is unfinished: the way to continue after a divergence).
 STAGE_KEYS = {
     "pretext": ["dataset", "pretext_split", "image_size", "arch", "width", "seed", "pretext_epochs",
-                "pretext_batch_size", "pretext_lr", "weight_decay", "temperature", "crop_min"],
+                "pretext_batch_size", "pretext_lr", "pretext_warmup", "weight_decay", "temperature", "crop_min"],
     "mine": ["train_split", "subset", "num_neighbors", "mine_features", "whiten", "mine_pixels"],
     "scan": ["num_clusters", "num_heads", "scan_epochs", "scan_batch_size", "scan_lr", "warmup_steps",
              "entropy_weight", "update_head_only", "loss", "tau_c", "tau_cc", "eta_cc", "lambda_b"],
@@ -397,10 +398,13 @@ def train_pretext(args, pretext, test):
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, "pretext", epoch), time.time(), []
         lr = args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * epoch / E)) / 2)  # to lr * 0.1^3
-        for group in opt.param_groups:
-            group["lr"] = lr
         model.train()
-        for step, idx in enumerate(batches(len(pretext.images), B, generator, args.device)):
+        epoch_batches = batches(len(pretext.images), B, generator, args.device)
+        for step, idx in enumerate(epoch_batches):
+            # CHOICE: SimCLR's linear warm-up (10 epochs in its paper, none in SCAN's configs) over --pretext-warmup
+            # epochs: a few steps at the full rate can collapse a small network (RESULTS.md: NT-Xent stuck at log(2B-1))
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (epoch + (step + 1) / len(epoch_batches)) / max(args.pretext_warmup, 1e-9))
             x = pretext.images[idx]                                            # this rank's images [b, C, H, W]
             z = forward(torch.cat([simclr_augment(x, pretext.mean, pretext.std, args.crop_min) for _ in range(2)]))
             loss = nt_xent(gather(z[:len(idx)], grad=True), gather(z[len(idx):], grad=True), args.temperature)
@@ -419,6 +423,8 @@ def train_pretext(args, pretext, test):
         save(args, "pretext", model, opt, losses, row, E, monitor if due else None)   # stops if anything diverged
         say(f"[pretext] epoch {epoch + 1}/{E} loss {row['loss']:.4f} lr {lr:.4g} {row['images_per_s']:.0f} img/s"
             + (f" knn_acc {row['knn_acc']:.4f}" if "knn_acc" in row else ""))
+        if epoch + 1 == E:                                                     # label-free: NT-Xent at its maximum
+            runtime.warn_if_collapsed("pretext", row["loss"], B)
     return model
 
 

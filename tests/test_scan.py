@@ -551,6 +551,37 @@ def test_the_knn_monitor_runs_at_most_every_5th_epoch_and_after_the_last(tmp_pat
     assert all(0.1 < r["knn_acc"] <= 1 for r in pretext if "knn_acc" in r)   # 10 classes: chance is 0.1
 
 
+def test_pretext_warmup_raises_the_rate_linearly_over_its_epochs_then_follows_the_cosine(tiny, tmp_path, monkeypatch,
+                                                                                         capsys):
+    args, train, test = tiny
+    args = type(args)(**vars(args))
+    args.out_dir, args.pretext_epochs, args.pretext_batch_size, args.pretext_warmup = str(tmp_path), 3, 100, 2
+    rates, step = [], torch.optim.SGD.step                                     # 300 images: 3 steps an epoch
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt: rates.append(opt.param_groups[0]["lr"]) or step(opt))
+    scan.train_pretext(args, train, test)
+    cosine = [args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * e / 3)) / 2) for e in range(3)]
+    assert rates == pytest.approx([cosine[e] * min(1, (e + s / 3) / 2) for e in range(3) for s in (1, 2, 3)])
+    assert scan.parse_args(["--quick"]).pretext_warmup == 1 and scan.parse_args([]).pretext_warmup == 0
+    assert "collapsed" not in capsys.readouterr().out
+    args.out_dir = str(tmp_path / "collapsed")                                 # the last epoch's loss is checked
+    os.makedirs(args.out_dir)
+    monkeypatch.setattr(scan, "nt_xent", lambda z1, z2, t: (z1 * z2).sum() * 0 + math.log(2 * len(z1) - 1))
+    scan.train_pretext(args, train, test)
+    assert "WARNING: the pretext collapsed" in capsys.readouterr().out
+
+
+def test_a_collapsed_pretext_is_named_by_its_loss_alone(capsys):
+    one_point = F.normalize(torch.ones(64, 128), dim=1)                       # every image mapped to one point
+    loss = scan.nt_xent(one_point, one_point, 0.2).item()
+    assert loss == pytest.approx(math.log(2 * 64 - 1)) and runtime.warn_if_collapsed("pretext", loss, 64)
+    assert "WARNING: the pretext collapsed" in capsys.readouterr().out
+    distinct = torch.eye(128)[:64]                                             # each pair its own direction
+    healthy = scan.nt_xent(distinct, distinct, 0.2).item()
+    assert not runtime.warn_if_collapsed("pretext", healthy, 64) and capsys.readouterr().out == ""
+    assert runtime.warn_if_collapsed("pretext", 0.98 * math.log(127), 64)
+    assert not runtime.warn_if_collapsed("pretext", 0.96 * math.log(127), 64)
+
+
 def test_killed_and_resumed_gives_the_same_run(finished, tmp_path):
     out = str(tmp_path / "run")
     proc = run(*TINY, "--out-dir", out, "--pretext-epochs", "3", wait=False)
