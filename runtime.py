@@ -201,6 +201,15 @@ def batch_for(n, steps=16, largest=256, smallest=32):
     return min(largest, max(smallest, 2 ** round(math.log2(max(n, 1) / steps))))
 
 
+def fit_batches(args, n_pretext, n_train):
+    """The pretext batch (--quick: batch_for), then each batch held to its data set (to a multiple of the processes):
+    a folder smaller than a batch trains on all of it at once, and the logs, rates and collapse check see that size."""
+    world = STATE["world"]
+    args.pretext_batch_size = min(args.pretext_batch_size or batch_for(n_pretext), n_pretext - n_pretext % world)
+    for name in ("scan_batch_size", "selflabel_batch_size"):
+        setattr(args, name, min(getattr(args, name), n_train - n_train % world))
+
+
 def num_clusters(args, classes):
     """--num-clusters, or else the number of classes (an image folder's class sub-folders), of which 2 are needed."""
     if args.num_clusters is None and len(classes) < 2:

@@ -669,7 +669,7 @@ def run(argv=None):
         return predict_files(args)
     pretext, train, test = load_data(args)
     args.num_clusters = runtime.num_clusters(args, train.classes)
-    args.pretext_batch_size = args.pretext_batch_size or runtime.batch_for(len(pretext.images))  # --quick
+    runtime.fit_batches(args, len(pretext.images), len(train.images))          # --quick: batch_for
     check_args(args, len(train.images))
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     for stage in STAGES:                                                       # refuse a foreign checkpoint early

@@ -3,6 +3,7 @@ argument types, exit codes, and writes on a full disk.
 
     python -m pytest tests/test_runtime.py -q
 """
+import argparse
 import json
 import math
 import os
@@ -197,6 +198,22 @@ def test_batch_for_gives_about_16_steps_an_epoch_as_a_power_of_2():
     for n in range(600, 4000, 7):                                              # the nearest power of 2 to n / 16
         b = runtime.batch_for(n)
         assert all(abs(math.log2(n / 16 / b)) <= abs(math.log2(n / 16 / c)) + 1e-9 for c in (32, 64, 128, 256))
+
+
+def test_a_batch_larger_than_its_data_set_becomes_all_of_it(monkeypatch):
+    """runtime.batches trains such a set as one batch: the logged sizes, rates and collapse check must say so."""
+    args = argparse.Namespace(pretext_batch_size=512, scan_batch_size=48, selflabel_batch_size=500)
+    runtime.fit_batches(args, 300, 200)
+    assert (args.pretext_batch_size, args.scan_batch_size, args.selflabel_batch_size) == (300, 48, 200)
+    args = argparse.Namespace(pretext_batch_size=None, scan_batch_size=48, selflabel_batch_size=500)
+    runtime.fit_batches(args, 24, 3000)                                       # --quick's batch_for(24) is 32
+    assert (args.pretext_batch_size, args.scan_batch_size, args.selflabel_batch_size) == (24, 48, 500)
+    monkeypatch.setitem(runtime.STATE, "world", 2)                            # two processes split each batch
+    args = argparse.Namespace(pretext_batch_size=None, scan_batch_size=48, selflabel_batch_size=500)
+    runtime.fit_batches(args, 4001, 301)
+    assert (args.pretext_batch_size, args.scan_batch_size, args.selflabel_batch_size) == (256, 48, 300)
+    generator = torch.Generator().manual_seed(0)
+    assert [len(b) for b in runtime.batches(301, 300, generator, "cpu")] == [150]   # this rank's half of one batch
 
 
 def test_num_clusters_comes_from_two_or_more_classes_or_the_flag():

@@ -6,6 +6,7 @@ subprocesses (kill and resume, Ctrl-C, bad input, foreign checkpoints, a diverge
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -532,6 +533,8 @@ def test_a_finished_run_writes_every_output(finished):
     assert {"pixel_agreement", "neighbor_acc_top20", "pixel_neighbor_acc_top20"} <= set(results["rows"][0])
     assert results["script"] == "scan.py" and results["final"]["stage"] == "selflabel"
     assert results["args"]["pretext_batch_size"] == 32                    # --quick on 300 images: 32, the least
+    assert results["args"]["selflabel_batch_size"] == 300                 # --quick's 500: more than the images
+    assert re.search(r"\[selflabel\] epoch 2/2 loss \S+ confident \d+ of 300 ", res.stdout)
     lines = open(os.path.join(out, "predictions.csv")).read().splitlines()
     assert lines[0] == "index,label,cluster,confidence" and len(lines) == 1001
     assert all(0 <= float(line.split(",")[3]) <= 1 for line in lines[1:])
