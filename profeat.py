@@ -57,7 +57,7 @@ PRESETS = {
     "stl10-ensemble": dict(iterations=300),
     "quick": dict(arch="smallcnn", width=16, subset=3000, iterations=2, pretext_epochs=6, refine_epochs=2,
                   pretext_batch_size=None, pretext_lr=0.2, pretext_lr_min=0.002, scan_epochs=0, warmup_steps=2000,
-                  selflabel_epochs=1, selflabel_batch_size=500, mine_pixels=True, pretext_warmup=1),
+                  selflabel_epochs=1, selflabel_batch_size=500, mine_pixels=True, pretext_warmup=2),
     "quick-imagefolder": dict(image_size=32),
     "smallcnn": dict(temperature=0.2, scan_batch_size=48),  # scan.py's, but one threshold: measured (RESULTS.md)
 }
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a("--pretext-batch-size", type=pos, default=512, help="representation batch B (--quick: ~16 steps an epoch)")
     a("--pretext-lr", type=rate, default=0.4, help="representation SGD learning rate at the start ...")
     a("--pretext-lr-min", type=rate, default=0.0004, help="... decayed (cosine) to this over all iterations")
-    a("--pretext-warmup", type=at_least(0), default=0, help="epochs of linear warm-up first (as scan.py; --quick: 1)")
+    a("--pretext-warmup", type=at_least(0), default=0, help="epochs of linear warm-up first (as scan.py; --quick: 2)")
     a("--temperature", type=at_least(1e-3, float), default=0.1, help="tau of Eq. (1) (--arch smallcnn: 0.2)")
     a("--crop-min", type=at_least(0.01, float), default=0.2, help="SimCLR crops: smallest area fraction (<= 1)")
     a("--num-neighbors", type=pos, default=20, help="M neighbours mined per image")

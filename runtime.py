@@ -437,7 +437,7 @@ def warn_if_collapsed(stage, loss, batch_size):
     if collapsed:
         say(f"[{stage}] WARNING: the pretext collapsed: NT-Xent {loss:.4f}, log(2B - 1) = "
             f"{math.log(2 * batch_size - 1):.4f} when every image maps to one point. Its neighbours and everything "
-            "built on them are near chance; rerun with --restart and a learning-rate warm-up (--pretext-warmup 1 or "
+            "built on them are near chance; rerun with --restart and a learning-rate warm-up (--pretext-warmup 2 or "
             "more) or a lower --pretext-lr.")
     return collapsed
 

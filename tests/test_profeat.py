@@ -341,7 +341,7 @@ def test_pretext_warmup_raises_the_rate_linearly_over_the_first_representation_e
         profeat.representation_step(args, it, 0, copy.deepcopy(g_model), train, groups_of)
     cosine = [args.pretext_lr * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
     assert rates == pytest.approx([cosine[e] * min(1, (e + s / 3) / 3) for e in range(4) for s in (1, 2, 3)])
-    assert profeat.parse_args(["--quick"]).pretext_warmup == 1 and profeat.parse_args([]).pretext_warmup == 0
+    assert profeat.parse_args(["--quick"]).pretext_warmup == 2 and profeat.parse_args([]).pretext_warmup == 0
     assert "collapsed" not in capsys.readouterr().out
     args.out_dir = str(tmp_path / "collapsed")                                 # iteration 1's last epoch is checked
     os.makedirs(args.out_dir)

@@ -564,7 +564,7 @@ def test_pretext_warmup_raises_the_rate_linearly_over_its_epochs_then_follows_th
     scan.train_pretext(args, train, test)
     cosine = [args.pretext_lr * (1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * e / 3)) / 2) for e in range(3)]
     assert rates == pytest.approx([cosine[e] * min(1, (e + s / 3) / 2) for e in range(3) for s in (1, 2, 3)])
-    assert scan.parse_args(["--quick"]).pretext_warmup == 1 and scan.parse_args([]).pretext_warmup == 0
+    assert scan.parse_args(["--quick"]).pretext_warmup == 2 and scan.parse_args([]).pretext_warmup == 0
     assert "collapsed" not in capsys.readouterr().out
     args.out_dir = str(tmp_path / "collapsed")                                 # the last epoch's loss is checked
     os.makedirs(args.out_dir)
