@@ -58,7 +58,6 @@ PRESETS = {
     # and 2 split the large classes of imbalanced folders (SCAN below k-means); 0.5 costs a little on balanced ones
     # (RESULTS.md). Pretext batch None: runtime.batch_for, ~16 steps an epoch (256 left small folders untrained).
     # CHOICE: mine on the pixels too: six epochs' neighbours are less pure than the whitened pixels' (RESULTS.md).
-    # CHOICE: SimCLR's warm-up over 2 of the 6 epochs: after 1, a seed still started near collapse (RESULTS.md).
     "quick": dict(arch="smallcnn", width=16, subset=4000, pretext_epochs=6, pretext_batch_size=None, pretext_lr=0.2,
                   scan_epochs=0, warmup_steps=2000, entropy_weight=0.5, selflabel_epochs=1, selflabel_batch_size=500,
                   mine_pixels=True, pretext_warmup=2),
@@ -402,8 +401,8 @@ def train_pretext(args, pretext, test):
         model.train()
         epoch_batches = batches(len(pretext.images), B, generator, args.device)
         for step, idx in enumerate(epoch_batches):
-            # CHOICE: SimCLR's linear warm-up (10 epochs in its paper, none in SCAN's configs) over --pretext-warmup
-            # epochs: a few steps at the full rate can collapse a small network (RESULTS.md: NT-Xent stuck at log(2B-1))
+            # CHOICE: SimCLR's linear warm-up (10 epochs in its paper, none in SCAN's configs, --quick 2 of 6): a few
+            # steps at the full rate can collapse a small network, one epoch left a seed stalled (RESULTS.md)
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (epoch + (step + 1) / len(epoch_batches)) / max(args.pretext_warmup, 1e-9))
             x = pretext.images[idx]                                            # this rank's images [b, C, H, W]
