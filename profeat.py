@@ -109,8 +109,7 @@ def parse_args(argv=None):
     a("--confidence-threshold", type=rate, default=0.99, help="t_f, self-labelling's min max-probability (< 1)")
     a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN or FlexMatch")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
-    a("--pixel-check", type=at_least(0), default=5000, help="after mining, compare the neighbours of this many images "
-      "with the raw pixels' own (0: skip)")
+    a("--pixel-check", type=at_least(0), default=5000, help="this many images' neighbours vs the pixels' own (0: skip)")
     a("--predict", default=None, metavar="PATH", help="cluster the images at PATH with the finished run in --out-dir")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the networks")
@@ -348,8 +347,7 @@ def keep_member(train_preds, scan_losses):
 
 
 # ---- 6. Training stages: per iteration and member; each resumes from its checkpoint -----------------------------
-# Every stage depends on all settings (the iterations feed each other); learning rates may change in an unfinished
-# stage (the way to continue after a divergence).
+# Every stage depends on all settings (the iterations feed each other); an unfinished one may change its learning rate.
 CONFIG_KEYS = ["dataset", "train_split", "pretext_split", "image_size", "subset", "arch", "width", "num_clusters",
                "iterations", "ensemble", "t_s", "t_e", "t_c", "pretext_epochs", "refine_epochs", "pretext_batch_size",
                "pretext_lr", "pretext_lr_min", "pretext_warmup", "temperature", "crop_min", "num_neighbors",
@@ -452,20 +450,22 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
     return consistency + entropy_weight * (mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
 
 
-def warm_up_heads(args, model, train, neighbor_idx, train_z, carried=0, candidates=5):
+def warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried=0, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
     un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions of those features (other seeds), and with carried = 1 head 0 (profeat.py's last h) to its own
-    as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), the H with the
-    lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
-    end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
+    k-means partitions, candidate r's of start_feats[r % len(start_feats)] (L2-normalised train features [N, d]: the
+    two "pretext + k-means" rows' backbone and projection; seeds differ), and with carried = 1 head 0 (profeat.py's
+    last h) to its own as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors),
+    the H with the lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. Random heads
+    end below k-means in a short run; one partition may stall Eq. (2); the backbone's alone, 5.5 points below the
+    projection's k-means on a 3-class folder (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
         candidates + carried - len(model.heads)))]).to(feats.device)          # model.heads first, then new ones
     forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
     labels = torch.stack([runtime.broadcast(heads[0](feats).argmax(1))] * carried + [runtime.broadcast(kmeans(
-        F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])  # [R, N]
+        start_feats[r % len(start_feats)], C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])
     generator = torch.Generator().manual_seed(args.seed)
     rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
@@ -492,13 +492,13 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, carried=0, candidat
         head.load_state_dict(state)                                            # are among the candidates)
 
 
-def train_scan(args, stage, model, neighbor_idx, train_z, train, test, carried=0):
+def train_scan(args, stage, model, neighbor_idx, train_z, start_feats, train, test, carried=0):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
     loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After every
     epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest over heads and
     epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch follows it: training the
-    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). carried: see warm_up_heads.
-    Returns (model, head)."""
+    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). start_feats, carried: see
+    warm_up_heads. Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -507,7 +507,7 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test, carried=0
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
         say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
-        warm_up_heads(args, model, train, neighbor_idx, train_z, carried)
+        warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None
         say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']}")
@@ -564,9 +564,8 @@ def train_selflabel(args, stage, model, head, train, test):
     model.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
     ckpt = load(args, stage, model, opt)
-    start, E = (ckpt["epoch"] if ckpt else 0), args.selflabel_epochs
+    start, E, B = (ckpt["epoch"] if ckpt else 0), args.selflabel_epochs, args.selflabel_batch_size
     model, forward = runtime.wrap(model, args.device, args.compile)
-    B = args.selflabel_batch_size
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
@@ -612,9 +611,10 @@ def train_selflabel(args, stage, model, head, train, test):
 def clustering_step(args, it, e, g_model, train, test, previous):
     """Mine neighbours (the paper: in p(g(x)); here in g(x)); train h on g' = a copy of g with Eq. (2) (scan.py's SCAN
     stage), then self-label if asked. g is untouched. previous: the last (model, head)."""
-    nets = {"projection": g_model, "backbone": g_model.backbone}               # CHOICE: see scan.py's mine()
-    z = predict(nets[args.mine_features], train.images, train.mean, train.std) if args.mine_features in nets \
-        else middle_features(g_model.backbone, train.images, train.mean, train.std)   # [N, d]
+    nets = {"backbone": g_model.backbone, "projection": g_model}               # CHOICE: see scan.py's mine()
+    feats = {k: F.normalize(predict(net, train.images, train.mean, train.std), dim=1) for k, net in nets.items()}
+    z = feats[args.mine_features] if args.mine_features in nets else \
+        middle_features(g_model.backbone, train.images, train.mean, train.std)   # [N, d]
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)   # CHOICE: see scan.py's mine()
     _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, M]
@@ -631,7 +631,8 @@ def clustering_step(args, it, e, g_model, train, test, previous):
     carried = int(args.carry_h and previous is not None)                      # a warm-up candidate, beside k-means'
     if carried:
         model.heads[0].load_state_dict(previous[0].heads[previous[1]].state_dict())
-    model, head = train_scan(args, stage_name(it, e, "scan"), model, neighbor_idx, None, train, test, carried)
+    model, head = train_scan(args, stage_name(it, e, "scan"), model, neighbor_idx, None, list(feats.values()), train,
+                             test, carried)                                    # the warm-up's k-means: both rows
     info.update(head=head, scan_eval_loss=head_losses(model, train, neighbor_idx, args.entropy_weight)[head].item())
     if args.selflabel_epochs > 0:  # CHOICE: g' and h are both fine-tuned, as SCAN's self-labelling does
         model, head = train_selflabel(args, stage_name(it, e, "selflabel"), model, head, train, test), 0

@@ -116,8 +116,7 @@ def parse_args(argv=None):
     a("--threshold-rule", default="fixed", choices=["fixed", "per-cluster"], help="self-labelling: SCAN's one "
       "threshold, or lower ones for clusters with few confident images (FlexMatch; --arch smallcnn's default)")
     a("--weight-decay", type=rate, default=1e-4, help="weight decay of every stage (SGD, then Adam)")
-    a("--pixel-check", type=at_least(0), default=5000, help="after mining, compare the neighbours of this many images "
-      "with the raw pixels' own (0: skip)")
+    a("--pixel-check", type=at_least(0), default=5000, help="this many images' neighbours vs the pixels' own (0: skip)")
     a("--predict", default=None, metavar="PATH", help="apply the finished run in --out-dir to an image or a folder "
       "of images: writes predict-NAME.csv and .png there, no training")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
@@ -439,7 +438,7 @@ def mine(args, model, train, test):
     --quick's 6-epoch pretext neighbours measured less pure than the pixels' on grayscale folders, the mix level with
     the pixels or below; on textures, where the pixels know little, a little less pure than the pretext's (RESULTS.md).
     The k-means rows stay on the L2-normalised features. Returns (neighbor_idx [N, K], rows, the mined space's train
-    features [N, d])."""
+    features [N, d], the L2-normalised train features of the backbone and the projection: the warm-up's k-means)."""
     feats = {name: [F.normalize(predict(net, d.images, d.mean, d.std), dim=1) for d in (train, test)]   # [N, d]
              for name, net in [("projection", model), ("backbone", model.backbone)]}   # train, test; L2-normalised
     z = feats[args.mine_features][0] if args.mine_features in feats else \
@@ -447,9 +446,10 @@ def mine(args, model, train, test):
     pixels = data.pixel_vectors(train.images) if args.mine_pixels or args.pixel_check else None   # [N, C * h * w]
     search_z = search_space(z, pixels if args.mine_pixels else None, args.whiten)  # CHOICE (not in SCAN): docstring
     train_z = search_z[:, :z.shape[1]] * (2 ** 0.5 if args.mine_pixels else 1)    # the features' part, unit rows
+    start_feats = [feats["backbone"][0], feats["projection"][0]]              # [N, d] each
     ckpt = load(args, "mine")
     if ckpt is not None:
-        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z
+        return ckpt["neighbor_idx"].to(args.device), ckpt["rows"], train_z, start_feats
     _, neighbor_idx = knn(search_z, k=args.num_neighbors, distributed=True)   # [N, K]
     anchors = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(args.seed))[:args.pixel_check]
     info, lines = {}, []
@@ -468,7 +468,7 @@ def mine(args, model, train, test):
     runtime.log_row(args.out_dir, {"stage": "mine", **info})
     runtime.save_checkpoint(os.path.join(args.out_dir, "mine.pt"), SCRIPT, "mine", stage_config(args, "mine"),
                             neighbor_idx=neighbor_idx.cpu(), rows=rows, complete=True)
-    return neighbor_idx, rows, train_z
+    return neighbor_idx, rows, train_z, start_feats
 
 
 def clustering_loss(args, anchor_logits, neighbor_logits, anchor_z=None, neighbor_z=None):
@@ -491,20 +491,22 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
     return consistency + entropy_weight * (mean_p * torch.log(mean_p.clamp(min=1e-8))).sum(1)
 
 
-def warm_up_heads(args, model, train, neighbor_idx, train_z, carried=0, candidates=5):
+def warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried=0, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
     un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions of those features (other seeds), and with carried = 1 head 0 (profeat.py's last h) to its own
-    as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors), the H with the
-    lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. In a short run random heads
-    end below k-means; from one partition Eq. (2) may stall worse (RESULTS.md)."""
+    k-means partitions, candidate r's of start_feats[r % len(start_feats)] (L2-normalised train features [N, d]: the
+    two "pretext + k-means" rows' backbone and projection; seeds differ), and with carried = 1 head 0 (profeat.py's
+    last h) to its own as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors),
+    the H with the lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. Random heads
+    end below k-means in a short run; one partition may stall Eq. (2); the backbone's alone, 5.5 points below the
+    projection's k-means on a 3-class folder (RESULTS.md)."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
         candidates + carried - len(model.heads)))]).to(feats.device)          # model.heads first, then new ones
     forward = lambda x: torch.stack([h(x) for h in heads]).float()             # [R, n, C]
     labels = torch.stack([runtime.broadcast(heads[0](feats).argmax(1))] * carried + [runtime.broadcast(kmeans(
-        F.normalize(feats, dim=1), C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])  # [R, N]
+        start_feats[r % len(start_feats)], C, seed=args.seed * 1000 + r)[0]) for r in range(len(heads) - carried)])
     generator = torch.Generator().manual_seed(args.seed)
     rand = lambda high, n: torch.randint(0, high, (n,), generator=generator).to(args.device)   # n draws < high
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
@@ -531,13 +533,13 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, carried=0, candidat
         head.load_state_dict(state)                                            # are among the candidates)
 
 
-def train_scan(args, stage, model, neighbor_idx, train_z, train, test, carried=0):
+def train_scan(args, stage, model, neighbor_idx, train_z, start_feats, train, test, carried=0):
     """Step 3: the heads of model (a ClusteringModel on the pretext backbone) trained with Eq. (2) (or the structured
     loss) on strongly augmented anchors and one random neighbour each, after a warm-up of the heads alone. After every
     epoch Eq. (2) of each head is measured on the un-augmented train set; as in SCAN's code, the lowest over heads and
     epochs picks the model kept (label-free). CHOICE: the warm-up competes only when no epoch follows it: training the
-    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). carried: see warm_up_heads.
-    Returns (model, head)."""
+    backbone first raises Eq. (2) on un-augmented images while ACC rises (RESULTS.md). start_feats, carried: see
+    warm_up_heads. Returns (model, head)."""
     model.to(args.device)
     model.backbone.requires_grad_(not args.update_head_only)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.scan_lr,
@@ -546,7 +548,7 @@ def train_scan(args, stage, model, neighbor_idx, train_z, train, test, carried=0
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
         say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
-        warm_up_heads(args, model, train, neighbor_idx, train_z, carried)
+        warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None
         say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']}")
@@ -603,9 +605,8 @@ def train_selflabel(args, stage, model, head, train, test):
     model.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=args.selflabel_lr, weight_decay=args.weight_decay)
     ckpt = load(args, stage, model, opt)
-    start, E = (ckpt["epoch"] if ckpt else 0), args.selflabel_epochs
+    start, E, B = (ckpt["epoch"] if ckpt else 0), args.selflabel_epochs, args.selflabel_batch_size
     model, forward = runtime.wrap(model, args.device, args.compile)
-    B = args.selflabel_batch_size
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
     for epoch in range(start, E):
         generator, t0, losses = runtime.reseed(args.seed, stage, epoch), time.time(), []
@@ -678,11 +679,11 @@ def run(argv=None):
         f"device {args.device} x {runtime.STATE['world']} clusters {args.num_clusters} out {args.out_dir}")
     t_start = time.time()
     pretext_model = train_pretext(args, pretext, test)
-    neighbor_idx, rows, train_z = mine(args, pretext_model, train, test)       # train_z: the structured loss' z
+    neighbor_idx, rows, train_z, start_feats = mine(args, pretext_model, train, test)   # train_z: structured's z
     runtime.reseed(args.seed, "scan", -1)                                      # the heads' initial weights
     model = ClusteringModel(pretext_model.backbone, args.num_clusters, args.num_heads)
     model, head = train_scan(args, "scan", model, neighbor_idx, train_z if args.loss == "structured" else None,
-                             train, test)
+                             start_feats, train, test)
     probs = predict(model, test.images, test.mean, test.std)[head].softmax(1)
     rows.append({"stage": "scan", "head": head, **evaluate(probs, test.labels, test.classes, f"SCAN (head {head})")})
     final = {"stage": "scan", "head": head, "heads": args.num_heads}

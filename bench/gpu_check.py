@@ -566,7 +566,8 @@ def extras(report, cfg, budget, key, model, opt, train, test, numbers):
                                     device=dev, weight_decay=1e-4, loss="scan", entropy_weight=5.0)
             sub = train._replace(images=train.images[:2000])
             nbr = torch.randint(0, len(sub.images), (len(sub.images), 20), device=dev)
-            t, _ = timed(lambda: scan.warm_up_heads(ns, model, sub, nbr, None), dev)
+            spaces = [F.normalize(torch.randn(len(sub.images), d, device=dev), dim=1) for d in (512, 128)]  # k-means'
+            t, _ = timed(lambda: scan.warm_up_heads(ns, model, sub, nbr, None, spaces), dev)
             inf = numbers.get("inference", float("inf"))                  # its predict of the train set, once
             numbers["warmup-2000"] = N_CIFAR / inf + 2000 * max(0.0, t - len(sub.images) / inf) / cfg.warmup_steps
             report.add(2, f"SCAN head warm-up, {cfg.warmup_steps} steps (scan.warm_up_heads, "

@@ -133,7 +133,7 @@ def main():
         random_head = copy.deepcopy(model.heads[0])
         warm = SimpleNamespace(seed=seed, scan_batch_size=args.batch_size, device="cpu", warmup_steps=0,
                                weight_decay=args.weight_decay, loss="scan", entropy_weight=args.entropy_weight)
-        scan.warm_up_heads(warm, model, train, neighbor_idx, None)             # the k-means fit only (scan.py's code)
+        scan.warm_up_heads(warm, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)])   # the k-means fit only
         fitted_head = model.heads[0]
         fit = acc(fitted_head, test_feats, test.labels)
         a = train_eq2(random_head, feats, neighbor_idx, test_feats, test.labels, args, seed)

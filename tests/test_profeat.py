@@ -293,7 +293,7 @@ def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkey
     original = profeat.train_scan
 
     def spy(args_, stage, model, *rest):                                       # h at the start of the SCAN stage
-        seen["heads"], seen["carried"] = [state(h) for h in model.heads], rest[4:]
+        seen["heads"], seen["carried"], seen["start_feats"] = [state(h) for h in model.heads], rest[5:], rest[2]
         return original(args_, stage, model, *rest)
     monkeypatch.setattr(profeat, "train_scan", spy)
     profeat.clustering_step(args, 2, 0, g_model, train, test, (previous, 2))
@@ -301,6 +301,8 @@ def test_carry_h_starts_head_0_from_the_previous_iterations_h(tiny_setup, monkey
     same = [all(torch.equal(h[k], carried[k]) for k in carried) for h in seen["heads"]]
     assert same == [carry, False]                                              # only head 0, only with --carry-h
     assert seen["carried"] == (int(carry),)                                    # a warm-up candidate (warm_up_heads)
+    for got, net in zip(seen["start_feats"], [g_model.backbone, g_model]):     # the other candidates' k-means spaces
+        assert torch.allclose(got, F.normalize(runtime.predict(net, train.images, train.mean, train.std), dim=1))
 
 
 def test_representation_step_skips_batches_where_nothing_survives(tiny_setup, tmp_path):

@@ -226,7 +226,9 @@ def test_mine_searches_the_whitened_backbone_and_with_mine_pixels_the_pixels_too
         run = type(args)(**{**vars(args), "whiten": whiten, "mine_pixels": mine_pixels, "pixel_check": 0,
                             "out_dir": str(tmp_path / f"{whiten}{mine_pixels}")})
         os.makedirs(run.out_dir)
-        found[whiten, mine_pixels], rows, train_z = scan.mine(run, model, train, test)
+        found[whiten, mine_pixels], rows, train_z, start_feats = scan.mine(run, model, train, test)
+        projection = runtime.predict(model, train.images, train.mean, train.std)   # the warm-up's k-means spaces:
+        assert torch.equal(start_feats[0], feats) and torch.allclose(start_feats[1], F.normalize(projection, dim=1))
         expected = whitening(feats)(feats) if whiten else feats
         assert torch.allclose(train_z @ train_z.T, expected @ expected.T, atol=1e-5)   # cosines (eigenvectors of
         # a repeated eigenvalue are arbitrary): the space of the structured loss' z
@@ -267,7 +269,7 @@ def test_middle_features_are_the_second_stage_averaged_on_a_7x7_grid_square_root
         return
     run = type(args)(**{**vars(args), "mine_features": "middle", "mine_pixels": False, "pixel_check": 0,
                         "out_dir": str(tmp_path)})
-    neighbor_idx, rows, train_z = scan.mine(run, model, train, test)
+    neighbor_idx, rows, train_z, _ = scan.mine(run, model, train, test)
     z = F.normalize(scan.middle_features(model.backbone, train.images, train.mean, train.std), dim=1)
     expected = whitening(z)(z)
     assert torch.allclose(train_z @ train_z.T, expected @ expected.T, atol=1e-5)
@@ -308,7 +310,7 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
         torch.manual_seed(1)
         model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(2)])
         args.warmup_steps = steps
-        scan.warm_up_heads(args, model, train, neighbor_idx, None)
+        scan.warm_up_heads(args, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)])
         losses = scan.head_losses(model, train, neighbor_idx, args.entropy_weight)   # as the warm-up ranks them
         fits[steps] = (losses, model.heads_forward(feats).argmax(2))
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())   # BN statistics too
@@ -318,7 +320,7 @@ def test_warm_up_starts_from_k_means_trains_the_heads_only_and_lowers_eq2(tiny):
     assert (fits[200][0] < fits[0][0]).all()                                   # and Eq. (2) then goes down
     torch.manual_seed(1)                                                       # the same 5 candidates as above
     model.heads = torch.nn.ModuleList([torch.nn.Linear(model.backbone.out_dim, 10) for _ in range(5)])
-    scan.warm_up_heads(args, model, train, neighbor_idx, None)                 # 5 heads: all 5 candidates, best first
+    scan.warm_up_heads(args, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)])   # all 5, best first
     losses = scan.head_losses(model, train, neighbor_idx, args.entropy_weight)
     assert torch.equal(losses, losses.sort().values) and torch.allclose(losses[:2], fits[200][0], atol=1e-6)
 
@@ -344,8 +346,32 @@ def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
     neighbor_idx = torch.stack([members[c][torch.randint(len(members[c]), (5,))] for c in own.tolist()])   # [N, 5]
     for flag in (0, 1):
         model.heads[0].load_state_dict(carried)
-        scan.warm_up_heads(args, model, train, neighbor_idx, None, carried=flag)
+        scan.warm_up_heads(args, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)], carried=flag)
         assert (metrics.cluster_acc(model.heads_forward(feats)[0].argmax(1), own) > 0.9) == flag
+
+
+def test_warm_up_draws_every_second_candidate_from_the_second_space(tiny, monkeypatch):
+    """start_feats = [backbone, projection] (scan.py's mine): candidates 0, 2, 4 are fitted to k-means partitions of
+    the first space, 1 and 3 to the second's, each with its own seed (RESULTS.md: from the backbone's alone, SCAN
+    ended 5.5 points below the projection's k-means on a 3-class folder)."""
+    args, train, _ = tiny
+    args = type(args)(**vars(args))
+    args.warmup_steps, args.seed = 0, 3
+    torch.manual_seed(0)
+    model = scan.ClusteringModel(scan.make_backbone("smallcnn", 3, 8), 10, 2)
+    feats = runtime.predict(model.backbone, train.images, train.mean, train.std)   # [N, d]
+    start_feats = [F.normalize(feats, dim=1), F.normalize(torch.randn(len(feats), 8), dim=1)]
+    neighbor_idx = torch.randint(len(feats), (len(feats), 5))
+    calls, kmeans = [], scan.kmeans
+    def spy(x, k, **kw):                                                       # which space, which seed
+        calls.append(([s for s, space in enumerate(start_feats) if x is space], kw["seed"]))
+        return kmeans(x, k, **kw)
+    monkeypatch.setattr(scan, "kmeans", spy)
+    scan.warm_up_heads(args, model, train, neighbor_idx, None, start_feats)
+    assert calls == [([r % 2], 3000 + r) for r in range(5)]
+    calls.clear()
+    scan.warm_up_heads(args, model, train, neighbor_idx, None, start_feats[:1])   # one space: all from it
+    assert calls == [([0], 3000 + r) for r in range(5)]
 
 
 def test_selflabel_counts_confident_images_per_cluster_and_warns_when_one_has_few(tiny, tmp_path, capsys):
