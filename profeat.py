@@ -452,13 +452,11 @@ def head_losses(model, train, neighbor_idx, entropy_weight, logits=None):
 
 def warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried=0, candidates=5):
     """CHOICE (not in the paper): before the SCAN stage proper, the heads alone on the fixed backbone features of the
-    un-augmented images (the backbone runs once). max(H, candidates) heads are fitted by cross-entropy to as many
-    k-means partitions, candidate r's of start_feats[r % len(start_feats)] (L2-normalised train features [N, d]: the
-    two "pretext + k-means" rows' backbone and projection; seeds differ), and with carried = 1 head 0 (profeat.py's
-    last h) to its own as one more; trained --warmup-steps steps with the clustering loss (Adam 1e-3, 128 anchors),
-    the H with the lowest Eq. (2) on the train set are kept, as SCAN's code keeps its lowest-loss head. Random heads
-    end below k-means in a short run; one partition may stall Eq. (2); the backbone's alone, 5.5 points below the
-    projection's k-means on a 3-class folder (RESULTS.md)."""
+    un-augmented images. max(H, candidates) heads are fitted by cross-entropy to as many k-means partitions, candidate
+    r's of start_feats[r % len(start_feats)] (the L2-normalised train features [N, d] of the two "pretext + k-means"
+    rows; seeds differ), and with carried = 1 head 0 (profeat.py's last h) to its own; then --warmup-steps steps of the
+    clustering loss (Adam 1e-3, 128 anchors). The H lowest in Eq. (2) on the train set are kept, as SCAN's code keeps
+    its lowest-loss head (random heads, or one space alone, did worse: RESULTS.md). Returns head 0's origin, a line."""
     feats = predict(model.backbone, train.images, train.mean, train.std)       # [N, d]
     (N, K), B, C = neighbor_idx.shape, 128, model.heads[0].out_features       # B: SCAN's CIFAR batch
     heads = nn.ModuleList([*model.heads, *(nn.Linear(feats.shape[1], C) for _ in range(
@@ -487,9 +485,11 @@ def warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carrie
         opt.step()
     with torch.no_grad():
         eval_loss = head_losses(None, None, neighbor_idx, args.entropy_weight, logits=forward(feats))   # [R]
-    keep = [{k: v.clone() for k, v in heads[r].state_dict().items()} for r in eval_loss.argsort()[:len(model.heads)]]
-    for head, state in zip(model.heads, keep):                                 # the H lowest (copies: model.heads
-        head.load_state_dict(state)                                            # are among the candidates)
+    order = eval_loss.argsort()[:len(model.heads)].tolist()                    # the H lowest
+    keep = [{k: v.clone() for k, v in heads[r].state_dict().items()} for r in order]   # copies: model.heads are
+    for head, state in zip(model.heads, keep):                                 # among the candidates
+        head.load_state_dict(state)
+    return f"candidate {order[0]} of {len(heads)}"
 
 
 def train_scan(args, stage, model, neighbor_idx, train_z, start_feats, train, test, carried=0):
@@ -507,10 +507,10 @@ def train_scan(args, stage, model, neighbor_idx, train_z, start_feats, train, te
     start, E, best = (ckpt["epoch"], args.scan_epochs, ckpt["best"]) if ckpt else (0, args.scan_epochs, None)
     if ckpt is None and args.warmup_steps > 0:
         say(f"[{stage}] warm-up of the heads on fixed features: k-means partitions, then {args.warmup_steps} steps")
-        warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried)
+        kept = warm_up_heads(args, model, train, neighbor_idx, train_z, start_feats, carried)
         warm = keep_if_best(model, head_losses(model, train, neighbor_idx, args.entropy_weight), None, 0)
         best = warm if E == 0 else None
-        say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']}")
+        say(f"[{stage}] warm-up of the heads: eval_loss {warm['eval_loss']:.4f} head {warm['head']} ({kept})")
     model, forward = runtime.wrap(model, args.device, args.compile)
     B, K = args.scan_batch_size, neighbor_idx.shape[1]
     progress = runtime.Progress(stage, (E - start) * (len(train.images) // B), args.log_every)
@@ -664,13 +664,12 @@ def run(argv=None):
     check_args(args, len(train.images))
     runtime.take_out_dir(args.out_dir, SCRIPT, OWN_FILES, args.restart)
     E = args.ensemble
-    for name in sorted(os.listdir(args.out_dir)):                              # refuse a foreign checkpoint early
-        if name.endswith(".pt") and re.fullmatch(OWN_FILES, name):
-            load(args, name[:-3])
+    for name in [n for n in sorted(os.listdir(args.out_dir)) if n.endswith(".pt") and re.fullmatch(OWN_FILES, n)]:
+        load(args, name[:-3])                                                  # refuse a foreign checkpoint early
     say(f"profeat.py: {'ProFeat_s' if E == 1 else f'ProFeat_e (E={E}, t_e={args.t_e}, t_c={args.t_c})'} on "
-        f"{args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} arch {args.arch} "
-        f"device {args.device} x {runtime.STATE['world']} K {args.num_clusters} iterations {args.iterations} "
-        f"out {args.out_dir}")
+        f"{args.dataset} train {tuple(train.images.shape)} test {tuple(test.images.shape)} arch {args.arch} device "
+        f"{args.device} x {runtime.STATE['world']} K {args.num_clusters} iterations {args.iterations} out "
+        f"{args.out_dir}")
     t_start = time.time()
     runtime.reseed(args.seed, "members", -1)                                   # members differ by their init
     g_models = [ContrastiveModel(make_backbone(args.arch, train.images.shape[1], args.width,

@@ -346,8 +346,9 @@ def test_warm_up_keeps_a_carried_head_as_one_more_candidate(tiny):
     neighbor_idx = torch.stack([members[c][torch.randint(len(members[c]), (5,))] for c in own.tolist()])   # [N, 5]
     for flag in (0, 1):
         model.heads[0].load_state_dict(carried)
-        scan.warm_up_heads(args, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)], carried=flag)
+        kept = scan.warm_up_heads(args, model, train, neighbor_idx, None, [F.normalize(feats, dim=1)], carried=flag)
         assert (metrics.cluster_acc(model.heads_forward(feats)[0].argmax(1), own) > 0.9) == flag
+        assert kept == "candidate 0 of 6" if flag else kept.endswith(" of 5")  # the report: candidate 0 is carried
 
 
 def test_warm_up_draws_every_second_candidate_from_the_second_space(tiny, monkeypatch):

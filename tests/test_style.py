@@ -19,6 +19,6 @@ def test_ruff_check_passes():
 
 
 @pytest.mark.parametrize("script", ["scan.py", "profeat.py", "deepcluster.py"])
-def test_each_algorithm_script_is_at_most_730_lines_of_at_most_120_characters(script):
+def test_each_algorithm_script_is_at_most_725_lines_of_at_most_120_characters(script):
     lines = open(os.path.join(ROOT, script)).read().splitlines()
-    assert len(lines) <= 730 and max(map(len, lines)) <= 120
+    assert len(lines) <= 725 and max(map(len, lines)) <= 120
